@@ -1,0 +1,21 @@
+"""Overlay package: this repository's ``nnunetv2`` extends the installed upstream nnU-Net v2.
+
+The upstream distribution's directory comes first in ``__path__`` so ``nnunetv2.training``,
+``nnunetv2.inference`` etc. resolve to upstream, and upstream's own class discovery through
+``nnunetv2.__path__[0]`` keeps working. This repository adds subpackages upstream does not have
+(``model``, ``vit``, ``configs``). Nothing is installed over upstream's files.
+"""
+
+import importlib.metadata
+import os
+
+__path__ = [os.path.dirname(__file__)]
+
+try:
+    _upstream = importlib.metadata.distribution("nnunetv2")
+except importlib.metadata.PackageNotFoundError:  # model layer only (e.g. a bare GPU box)
+    _upstream = None
+if _upstream is not None:
+    _upstream_dir = os.path.dirname(str(_upstream.locate_file("nnunetv2/__init__.py")))
+    if os.path.realpath(_upstream_dir) != os.path.realpath(__path__[0]):
+        __path__.insert(0, _upstream_dir)

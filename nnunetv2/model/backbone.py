@@ -1,0 +1,268 @@
+"""ViT backbones for segmentation: a registry of foundation-model families built with timm.
+
+Each family is one row of ``BACKBONES``: which timm architecture it is, which sizes exist, where
+pretrained weights come from (a timm pretrained tag, or only a local checkpoint file) and which timm
+checkpoint filter converts foreign checkpoint layouts. ``create_backbone`` is the only way models
+get a backbone; ``get_vit_features`` is the only way decoders read multi-scale features from it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models import adapt_input_conv
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
+from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
+
+_logger = logging.getLogger(__name__)
+
+StateDict = Dict[str, torch.Tensor]
+
+# A checkpoint whose tensors cover less than this share of the backbone is refused: it is almost
+# certainly the wrong file, and silently training from random weights would waste the user's run.
+MIN_MATCHED_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class BackboneFamily:
+    """How to build one family of ViT backbones with timm and load its weights."""
+
+    timm_name: str  # format string with ``{size}``
+    sizes: Tuple[str, ...]
+    patch_size: int
+    pretrained_tag: Optional[str]  # timm pretrained tag; None = weights only from a checkpoint file
+    checkpoint_filter: Callable[[StateDict, nn.Module], StateDict]
+    wrapper_keys: Tuple[str, ...] = ("model", "state_dict")  # dict keys a checkpoint may nest weights in
+    drop_prefixes: Tuple[str, ...] = ()  # pretraining-only tensors (MAE decoder, iBOT mask embedding)
+
+
+BACKBONES: Dict[str, BackboneFamily] = {
+    "dinov3": BackboneFamily(
+        timm_name="vit_{size}_patch16_dinov3",
+        sizes=("small", "small_plus", "base", "large", "huge_plus", "7b"),
+        patch_size=16,
+        pretrained_tag="lvd1689m",
+        checkpoint_filter=eva_checkpoint_filter,
+    ),
+    "dinov2": BackboneFamily(
+        timm_name="vit_{size}_patch14_dinov2",
+        sizes=("small", "base", "large", "giant"),
+        patch_size=14,
+        pretrained_tag="lvd142m",
+        checkpoint_filter=vit_checkpoint_filter,
+    ),
+    "retfound": BackboneFamily(
+        timm_name="vit_{size}_patch16_224",
+        sizes=("large",),
+        patch_size=16,
+        pretrained_tag=None,
+        checkpoint_filter=vit_checkpoint_filter,
+        drop_prefixes=("decoder_", "mask_token"),
+    ),
+    "visionfm": BackboneFamily(
+        timm_name="vit_{size}_patch16_224",
+        sizes=("base",),
+        patch_size=16,
+        pretrained_tag=None,
+        checkpoint_filter=vit_checkpoint_filter,
+        wrapper_keys=("teacher", "model", "state_dict"),
+        drop_prefixes=("masked_embed", "head.", "fc_norm."),
+    ),
+}
+
+_STRIP_PREFIXES = ("module.", "backbone.")
+
+
+def get_family(model_name: str, model_size: str) -> BackboneFamily:
+    """Look up a family and check the size, with an error that lists the valid choices."""
+    if model_name not in BACKBONES:
+        raise ValueError(f"Unknown backbone '{model_name}'. Valid backbones: {', '.join(BACKBONES)}.")
+    family = BACKBONES[model_name]
+    if model_size not in family.sizes:
+        raise ValueError(
+            f"Unknown size '{model_size}' for backbone '{model_name}'. Valid sizes: {', '.join(family.sizes)}."
+        )
+    return family
+
+
+def feature_indices_for_depth(depth: int) -> List[int]:
+    """Blocks whose outputs feed the decoder: the ends of the four quarters of the network.
+
+    12 -> [2, 5, 8, 11], 24 -> [5, 11, 17, 23], 40 -> [9, 19, 29, 39] (as DPT, Depth-Anything and
+    DINOv3's own heads use them).
+    """
+    if depth < 4:
+        raise ValueError(f"A ViT needs at least 4 blocks to provide 4 feature levels, got {depth}.")
+    return [round(depth * q / 4) - 1 for q in (1, 2, 3, 4)]
+
+
+def create_backbone(
+    model_name: str,
+    model_size: str,
+    checkpoint_path: Optional[Union[str, Path]] = None,
+    pretrained: bool = True,
+    in_channels: int = 3,
+) -> Tuple[nn.Module, int, str]:
+    """Build a timm ViT backbone without classifier head and load its weights.
+
+    Weights come from ``checkpoint_path`` if given (any family), else from timm's pretrained tag
+    (dinov3, dinov2) when ``pretrained`` is true. Returns ``(module, patch_size, timm_model_name)``.
+    """
+    family = get_family(model_name, model_size)
+    timm_name = family.timm_name.format(size=model_size)
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    kwargs = dict(num_classes=0, in_chans=in_channels, dynamic_img_size=True)
+
+    if checkpoint_path is not None:
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(
+                f"Backbone checkpoint not found: {checkpoint_path}. Fix model.checkpoint_path in the config."
+            )
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        load_backbone_checkpoint(model, checkpoint_path, family, in_channels)
+    elif pretrained and family.pretrained_tag is None:
+        raise ValueError(
+            f"Backbone '{model_name}' has no public download: set model.checkpoint_path to your {model_name} "
+            f"checkpoint file, or set model.pretrained: false to start from random weights."
+        )
+    elif pretrained:
+        tag = f"{timm_name}.{family.pretrained_tag}"
+        try:
+            model = timm.create_model(tag, pretrained=True, **kwargs)
+        except Exception as err:  # hub/network errors come in many types; all mean the same to the user
+            raise RuntimeError(
+                f"Could not download pretrained weights for '{tag}' ({type(err).__name__}: {err}). "
+                f"If this machine is offline, download the weights elsewhere and set model.checkpoint_path "
+                f"to the file, or set model.pretrained: false to start from random weights."
+            ) from err
+        _logger.info("Loaded pretrained weights %s through timm", tag)
+    else:
+        model = timm.create_model(timm_name, pretrained=False, **kwargs)
+        _logger.info("Backbone %s initialised randomly (pretrained: false)", timm_name)
+
+    # Keep only what the decoder reads: drops the classifier head and pooling norm, so every
+    # remaining parameter receives a gradient (DDP without find_unused_parameters).
+    model.prune_intermediate_layers(feature_indices_for_depth(len(model.blocks)), prune_norm=False, prune_head=True)
+    return model, family.patch_size, timm_name
+
+
+def read_checkpoint(path: Path) -> dict:
+    """Read a checkpoint file, naming the file when it is corrupt or truncated."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as safe_err:
+        if "Weights only load failed" not in str(safe_err):
+            raise RuntimeError(f"Cannot read checkpoint file {path}: {safe_err}. The file is corrupt or truncated.") from safe_err
+    # Research checkpoints (RETFound, VisionFM) pickle their argparse namespace next to the weights.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"Cannot read checkpoint file {path}: {err}. The file is corrupt or truncated.") from err
+
+
+def _unwrap_state_dict(checkpoint: dict, family: BackboneFamily) -> StateDict:
+    """Take the backbone weights out of the checkpoint formats users have, keys in timm naming."""
+    state_dict = checkpoint
+    for key in family.wrapper_keys:
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        for prefix in _STRIP_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        if family.drop_prefixes and name.startswith(family.drop_prefixes):
+            continue
+        out[name] = tensor
+    return out
+
+
+def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamily, in_channels: int = 3) -> None:
+    """Load a local checkpoint into a timm backbone, reporting matched/missing/unexpected tensors.
+
+    Format glue this repository adds (wrapper dicts, DDP/DINO prefixes, pretraining-only keys) runs
+    first; timm's own filter then converts layouts it knows (Meta DINOv3 originals, pos-embed size).
+    """
+    state_dict = _unwrap_state_dict(read_checkpoint(path), family)
+    state_dict = family.checkpoint_filter(state_dict, model)
+    proj = "patch_embed.proj.weight"
+    if in_channels != 3 and proj in state_dict and state_dict[proj].shape[1] == 3:
+        state_dict[proj] = adapt_input_conv(in_channels, state_dict[proj])
+
+    own = model.state_dict()
+    matched = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    wrong_shape = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
+    unexpected = sorted(k for k in state_dict if k not in own)
+    missing = sorted(k for k in own if k not in matched)
+    fraction = len(matched) / max(len(own), 1)
+    _logger.info(
+        "Checkpoint %s: %d tensors matched, %d missing, %d unexpected, %d with wrong shape",
+        path, len(matched), len(missing), len(unexpected), len(wrong_shape),
+    )
+    if missing:
+        _logger.info("Missing (left at initialisation): %s", ", ".join(missing[:20]))
+    if fraction < MIN_MATCHED_FRACTION:
+        raise ValueError(
+            f"Checkpoint {path} does not fit backbone {type(model).__name__}: only {len(matched)} of {len(own)} "
+            f"tensors match ({len(wrong_shape)} have a different shape, {len(unexpected)} are unknown, e.g. "
+            f"{(wrong_shape + unexpected)[:3]}). Check model.backbone / model.backbone_size for this file."
+        )
+    model.load_state_dict(matched, strict=False)
+
+
+def get_vit_features(
+    model: nn.Module,
+    x: torch.Tensor,
+    indices: Sequence[int],
+    return_cls: bool = False,
+    output_fmt: str = "NCHW",
+) -> Union[List[torch.Tensor], Tuple[List[torch.Tensor], List[torch.Tensor]]]:
+    """Normalised outputs of the given blocks as ``(B, C, H/p, W/p)`` maps (``NLC``: ``(B, N, C)`` tokens).
+
+    With ``return_cls`` also returns each block's CLS token ``(B, C)``; register tokens are dropped.
+    ``x`` must be a multiple of the patch size (the models pad before calling this).
+    """
+    feats = model.forward_intermediates(
+        x, indices=list(indices), norm=True, output_fmt=output_fmt, intermediates_only=True,
+        return_prefix_tokens=return_cls, stop_early=True,
+    )
+    if not return_cls:
+        return feats
+    return [spatial for spatial, _ in feats], [prefix[:, 0] for _, prefix in feats]
+
+
+class ProgressiveUpsampler(nn.Module):
+    """Learned upsampling by a power of two: stride-2 transposed convs, each followed by BN + GELU.
+
+    Channels shrink geometrically from ``in_channels`` to ``out_channels`` so a ViT token map can
+    be turned into a fine-resolution feature map without one large, checkerboard-prone step.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, scale_factor: int) -> None:
+        super().__init__()
+        num_stages = int(scale_factor).bit_length() - 1
+        if scale_factor < 2 or 2**num_stages != scale_factor:
+            raise ValueError(f"scale_factor must be a power of two >= 2, got {scale_factor}")
+        ratio = (out_channels / in_channels) ** (1 / num_stages)
+        channels = [in_channels] + [max(out_channels, round(in_channels * ratio ** (i + 1))) for i in range(num_stages)]
+        channels[-1] = out_channels
+        self.stages = nn.Sequential(*(
+            nn.Sequential(
+                nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2),
+                nn.BatchNorm2d(c_out),
+                nn.GELU(),
+            )
+            for c_in, c_out in zip(channels[:-1], channels[1:])
+        ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(x)

@@ -1,0 +1,206 @@
+"""What every ViT segmentation model shares: backbone set-up, padding/cropping, LoRA, summaries.
+
+Decoder files subclass ``ViTSegmentationModel``, build their decoder after ``super().__init__`` and
+implement ``decode``; ``make_factory`` turns the class into the module's
+``create_segmentation_model`` whose signature lists every accepted keyword (configs are validated
+against it).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nnunetv2.model.backbone import ProgressiveUpsampler, create_backbone, feature_indices_for_depth
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_LORA_TARGETS = ("qkv",)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad H and W at the bottom/right up to a multiple (reflect; replicate if the image is tinier than the pad)."""
+    height, width = x.shape[-2:]
+    pad_h, pad_w = (-height) % multiple, (-width) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
+class ViTSegmentationModel(nn.Module):
+    """A timm ViT backbone plus a decoder; maps ``(B, C, H, W)`` to logits ``(B, num_classes, H, W)``.
+
+    Any H, W works: the input is padded to a multiple of the patch size, decoded, the logits are
+    resized to the padded size (decoders work on the token grid, which covers exactly the padded
+    image, so this is a uniform rescale, never a shift) and cropped back.
+    """
+
+    def __init__(
+        self,
+        backbone_name: str = "dinov3",
+        backbone_size: str = "large",
+        num_classes: int = 1,
+        checkpoint_path: Optional[str] = None,
+        freeze_backbone: bool = False,
+        use_lora: bool = False,
+        lora_rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        lora_target_modules: Optional[Sequence[str]] = None,
+        pretrained: bool = True,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.backbone, self.patch_size, self.backbone_model_name = create_backbone(
+            backbone_name, backbone_size, checkpoint_path=checkpoint_path, pretrained=pretrained, in_channels=in_channels
+        )
+        self.embed_dim: int = self.backbone.embed_dim
+        self.feature_indices: List[int] = feature_indices_for_depth(len(self.backbone.blocks))
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+        if use_lora:
+            self.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits on a grid aligned with ``x`` (any multiple of its size); ``x`` is patch-aligned."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        x = pad_to_multiple(x, self.patch_size)
+        logits = self.decode(x)
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits[..., :height, :width]
+
+    @property
+    def vit(self) -> nn.Module:
+        """The timm backbone itself, also when wrapped by peft."""
+        from peft import PeftModel
+
+        return self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute backbone activations in backward: much less memory, about 30% slower steps."""
+        self.vit.set_grad_checkpointing(enable)
+
+    def enable_lora(
+        self,
+        rank: int = 8,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.05,
+        target_modules: Optional[Sequence[str]] = None,
+    ) -> None:
+        """Wrap the backbone with peft LoRA adapters; the backbone's own weights become frozen."""
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(self.backbone, PeftModel):
+            raise RuntimeError("LoRA is already enabled on this model.")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=list(target_modules or DEFAULT_LORA_TARGETS),
+            bias="none",
+        )
+        try:
+            self.backbone = get_peft_model(self.backbone, config)
+        except ValueError as err:
+            raise ValueError(f"LoRA target_modules {config.target_modules} do not fit this backbone: {err}") from err
+        _logger.info("LoRA enabled: rank=%d, alpha=%s, targets=%s", rank, lora_alpha, sorted(config.target_modules))
+
+    def disable_lora(self) -> None:
+        """Merge the LoRA weights into the backbone and drop the adapters (outputs stay the same)."""
+        from peft import PeftModel
+
+        if isinstance(self.backbone, PeftModel):
+            self.backbone = self.backbone.merge_and_unload()
+            _logger.info("LoRA weights merged into the backbone")
+
+    def parameter_summary(self, detailed: bool = False) -> str:
+        """Total/trainable parameter counts, per top-level component if ``detailed``."""
+        per_component: Dict[str, List[int]] = {}
+        for name, param in self.named_parameters():
+            counts = per_component.setdefault(name.split(".")[0], [0, 0])
+            counts[0] += param.numel() * param.requires_grad
+            counts[1] += param.numel()
+        trainable = sum(c[0] for c in per_component.values())
+        total = sum(c[1] for c in per_component.values())
+        lines = [
+            f"{type(self).__name__} ({self.backbone_model_name})",
+            f"Total parameters:     {total:,}",
+            f"Trainable parameters: {trainable:,} ({100 * trainable / max(total, 1):.2f}%)",
+        ]
+        if detailed:
+            lines.append(f"{'component':<15}{'trainable':>15}{'total':>15}{'%':>9}")
+            for component, (n_train, n_total) in per_component.items():
+                lines.append(f"{component:<15}{n_train:>15,}{n_total:>15,}{100 * n_train / max(n_total, 1):>8.2f}%")
+        return "\n".join(lines)
+
+    def print_trainable_parameters(self, detailed: bool = False) -> None:
+        print(self.parameter_summary(detailed))
+
+
+def make_factory(model_cls: type) -> Callable[..., ViTSegmentationModel]:
+    """Module-level ``create_segmentation_model`` for a model class.
+
+    Its signature is the union of the backbone keywords (positional too, base class) and the
+    decoder options (keyword only, subclass), so ``inspect.signature`` tells config validation
+    exactly which ``model.decoder`` keys exist.
+    """
+    params: Dict[str, inspect.Parameter] = {}
+    for klass in reversed(model_cls.__mro__):
+        if not (isinstance(klass, type) and issubclass(klass, ViTSegmentationModel)):
+            continue
+        for param in list(inspect.signature(klass.__init__).parameters.values())[1:]:
+            if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            kind = param.POSITIONAL_OR_KEYWORD if klass is ViTSegmentationModel else param.KEYWORD_ONLY
+            params[param.name] = param.replace(kind=kind)
+
+    signature = inspect.Signature(list(params.values()), return_annotation=model_cls)
+
+    def create_segmentation_model(*args, **kwargs) -> ViTSegmentationModel:
+        return model_cls(**signature.bind(*args, **kwargs).arguments)
+
+    create_segmentation_model.__signature__ = signature
+    create_segmentation_model.__doc__ = f"Build a {model_cls.__name__}. {model_cls.__doc__ or ''}"
+    create_segmentation_model.__module__ = model_cls.__module__
+    return create_segmentation_model
+
+
+class ViTFeaturePyramid(nn.Module):
+    """Turn four same-stride ViT maps into a pyramid at 4x, 2x, 1x and 0.5x the token grid.
+
+    The fine levels use learned upsampling (``ProgressiveUpsampler``), the coarse one max-pooling:
+    what convolutional decoders (UperNet, SegFormer) expect from a hierarchical encoder.
+    """
+
+    def __init__(self, embed_dim: int, out_channels: Sequence[int]) -> None:
+        super().__init__()
+        if len(out_channels) != 4:
+            raise ValueError(f"pyramid_channels needs 4 entries (one per level), got {list(out_channels)}")
+        c4, c2, c1, c05 = out_channels
+        self.levels = nn.ModuleList([
+            ProgressiveUpsampler(embed_dim, c4, 4),
+            ProgressiveUpsampler(embed_dim, c2, 2),
+            nn.Conv2d(embed_dim, c1, kernel_size=1),
+            nn.Sequential(nn.Conv2d(embed_dim, c05, kernel_size=1), nn.MaxPool2d(2, ceil_mode=True)),
+        ])
+
+    def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        return [level(feat) for level, feat in zip(self.levels, features)]
+
+
+def default_pyramid_channels(embed_dim: int) -> List[int]:
+    """[E/4, E/2, E, E]: the channel widths DPT and ViT-Adapter use for the four levels."""
+    return [embed_dim // 4, embed_dim // 2, embed_dim, embed_dim]

@@ -1,0 +1,71 @@
+"""DPT (Dense Prediction Transformer, https://arxiv.org/abs/2103.13413) on a timm ViT backbone.
+
+The decoder is HuggingFace's ``DPTNeck`` (reassemble + fusion) and ``DPTSemanticSegmentationHead``,
+fed with four intermediate block outputs and their real CLS tokens (registers are dropped).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+from transformers import DPTConfig
+from transformers.models.dpt.modeling_dpt import DPTNeck, DPTSemanticSegmentationHead
+
+from nnunetv2.model.backbone import get_vit_features
+from nnunetv2.model.common import ViTSegmentationModel, make_factory
+
+READOUT_TYPES = ("project", "add", "ignore")
+
+
+class DPTSegmentationModel(ViTSegmentationModel):
+    """ViT backbone + HF DPT neck and segmentation head.
+
+    Decoder options: ``fusion_hidden_size`` (channels of the fusion stage), ``neck_hidden_sizes``
+    (channels of the four reassembled maps; default ``[E]*4``, the DPT paper uses
+    ``[E/4, E/2, E, E]``), ``readout_type`` (CLS token handling: project, add, ignore),
+    ``use_batch_norm_in_fusion_residual`` and ``dropout`` before the classifier.
+    """
+
+    def __init__(
+        self,
+        *,
+        fusion_hidden_size: int = 256,
+        readout_type: str = "project",
+        neck_hidden_sizes: Optional[Sequence[int]] = None,
+        use_batch_norm_in_fusion_residual: bool = True,
+        dropout: float = 0.1,
+        **backbone_kwargs,
+    ) -> None:
+        if readout_type not in READOUT_TYPES:
+            raise ValueError(f"readout_type must be one of {READOUT_TYPES}, got '{readout_type}'")
+        super().__init__(**backbone_kwargs)
+        neck_hidden_sizes = list(neck_hidden_sizes or [self.embed_dim] * 4)
+        if len(neck_hidden_sizes) != 4:
+            raise ValueError(f"neck_hidden_sizes needs 4 entries (one per feature level), got {neck_hidden_sizes}")
+        self.config = DPTConfig(
+            hidden_size=self.embed_dim,
+            neck_hidden_sizes=neck_hidden_sizes,
+            fusion_hidden_size=fusion_hidden_size,
+            reassemble_factors=[4, 2, 1, 0.5],
+            readout_type=readout_type,
+            num_labels=self.num_classes,
+            head_in_index=-1,
+            semantic_classifier_dropout=dropout,
+            use_batch_norm_in_fusion_residual=use_batch_norm_in_fusion_residual,
+        )
+        self.neck = DPTNeck(self.config)
+        self.head = DPTSemanticSegmentationHead(self.config)
+        # The first fusion layer has no residual input, so its residual unit would never get a gradient.
+        del self.neck.fusion_stage.layers[0].residual_layer1
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        tokens, cls_tokens = get_vit_features(self.backbone, x, self.feature_indices, return_cls=True, output_fmt="NLC")
+        hidden_states: List[torch.Tensor] = [
+            torch.cat([cls[:, None], patch_tokens], dim=1) for patch_tokens, cls in zip(tokens, cls_tokens)
+        ]
+        return self.head(self.neck(hidden_states, patch_height=grid_h, patch_width=grid_w))
+
+
+create_segmentation_model = make_factory(DPTSegmentationModel)
