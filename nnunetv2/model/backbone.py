@@ -29,6 +29,10 @@ StateDict = Dict[str, torch.Tensor]
 MIN_MATCHED_FRACTION = 0.5
 
 
+class BackboneWeightsError(ValueError, RuntimeError):
+    """Backbone weights cannot be had: no download, unreadable or non-matching checkpoint file."""
+
+
 @dataclass(frozen=True)
 class BackboneFamily:
     """How to build one family of ViT backbones with timm and load its weights."""
@@ -127,7 +131,7 @@ def create_backbone(
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
         load_backbone_checkpoint(model, checkpoint_path, family, in_channels)
     elif pretrained and family.pretrained_tag is None:
-        raise ValueError(
+        raise BackboneWeightsError(
             f"Backbone '{model_name}' has no public download: set model.checkpoint_path to your {model_name} "
             f"checkpoint file, or set model.pretrained: false to start from random weights."
         )
@@ -136,7 +140,7 @@ def create_backbone(
         try:
             model = timm.create_model(tag, pretrained=True, **kwargs)
         except Exception as err:  # hub/network errors come in many types; all mean the same to the user
-            raise RuntimeError(
+            raise BackboneWeightsError(
                 f"Could not download pretrained weights for '{tag}' ({type(err).__name__}: {err}). "
                 f"If this machine is offline, download the weights elsewhere and set model.checkpoint_path "
                 f"to the file, or set model.pretrained: false to start from random weights."
@@ -158,12 +162,12 @@ def read_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:
         if "Weights only load failed" not in str(safe_err):
-            raise RuntimeError(f"Cannot read checkpoint file {path}: {safe_err}. The file is corrupt or truncated.") from safe_err
+            raise BackboneWeightsError(f"Cannot read checkpoint file {path}: {safe_err}. The file is corrupt or truncated.") from safe_err
     # Research checkpoints (RETFound, VisionFM) pickle their argparse namespace next to the weights.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise RuntimeError(f"Cannot read checkpoint file {path}: {err}. The file is corrupt or truncated.") from err
+        raise BackboneWeightsError(f"Cannot read checkpoint file {path}: {err}. The file is corrupt or truncated.") from err
 
 
 def _unwrap_state_dict(checkpoint: dict, family: BackboneFamily) -> StateDict:
@@ -211,7 +215,7 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
     if missing:
         _logger.info("Missing (left at initialisation): %s", ", ".join(missing[:20]))
     if fraction < MIN_MATCHED_FRACTION:
-        raise ValueError(
+        raise BackboneWeightsError(
             f"Checkpoint {path} does not fit backbone {type(model).__name__}: only {len(matched)} of {len(own)} "
             f"tensors match ({len(wrong_shape)} have a different shape, {len(unexpected)} are unknown, e.g. "
             f"{(wrong_shape + unexpected)[:3]}). Check model.backbone / model.backbone_size for this file."

@@ -1,0 +1,52 @@
+"""Pieces shared by the train and predict commands: device choice, trainer discovery, error exit."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nnunetv2.model.backbone import BackboneWeightsError
+from nnunetv2.vit.config import ConfigError
+
+EXT_TRAINER_DIR = Path(__file__).resolve().parent / "ext_trainers"
+
+# Errors whose message already tells the user what to fix: shown as one line, exit code 2.
+USER_ERRORS = (ConfigError, BackboneWeightsError, FileNotFoundError, FileExistsError)
+
+
+def register_trainer_discovery() -> None:
+    """Add this package's trainers to upstream's ``nnUNet_extTrainer`` search path."""
+    paths = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if str(EXT_TRAINER_DIR) not in paths:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
+
+
+def get_device(name: str) -> torch.device:
+    """Upstream's -device handling: thread settings as nnUNetv2_train/predict make them."""
+    if name not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"-device must be cpu, cuda or mps, got '{name}'.")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("-device cuda was requested but no CUDA GPU is available; pass -device cpu.")
+    if name == "cpu":
+        torch.set_num_threads(multiprocessing.cpu_count())
+    elif name == "cuda":
+        torch.set_num_threads(1)
+        torch.set_num_interop_threads(1)
+    return torch.device(name)
+
+
+def run_main(prog: str, main: Callable[[], None]) -> None:
+    """Run a command; user errors become one ``prog: error: ...`` line and exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        main()
+    except USER_ERRORS as err:
+        message = err.strerror + f": {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,235 @@
+"""YAML config schema for ViT training: load, validate (one clear error before any work), resolve.
+
+A config has three sections. ``model`` names the model module and its backbone/decoder options,
+``lora`` the peft adapters, ``train`` the optimisation settings. Keys left out keep the defaults
+below, which for ``train`` are upstream nnU-Net's. The resolved config (a plain dict, defaults
+filled in) is what travels with a trained model in its plans.json and checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+# The keywords every model factory takes (the model contract); all its other keywords are decoder options.
+FACTORY_KEYWORDS = (
+    "backbone_name", "backbone_size", "num_classes", "checkpoint_path", "freeze_backbone", "use_lora", "lora_rank",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels",
+)
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: where it is, what is wrong, how to fix it."""
+
+
+@dataclass
+class ModelSection:
+    model_path: str = "nnunetv2.model.model_dpt"
+    backbone: str = "dinov3"
+    backbone_size: str = "large"
+    checkpoint_path: Optional[str] = None
+    pretrained: bool = True
+    decoder: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 8
+    lora_alpha: float = 16.0
+    target_modules: List[str] = field(default_factory=lambda: ["qkv"])
+    lora_dropout: float = 0.05
+
+
+@dataclass
+class TrainSection:
+    initial_lr: float = 1e-2
+    weight_decay: float = 3e-5
+    gradient_clip: float = 12.0
+    num_epochs: int = 1000
+    num_iterations_per_epoch: int = 250
+    num_val_iterations_per_epoch: int = 50
+    optimizer: str = "sgd"
+    warmup_epochs: int = 0
+    precision: str = "auto"
+    compile: str = "auto"
+    gradient_checkpointing: bool = False
+    batch_size: Optional[int] = None
+    max_nonfinite_steps: int = 25
+    save_every: int = 50
+
+
+SECTIONS = {"model": ModelSection, "lora": LoraSection, "train": TrainSection}
+
+CHOICES = {
+    ("train", "optimizer"): ("sgd", "adamw"),
+    ("train", "precision"): ("auto", "fp32", "fp16", "bf16"),
+    ("train", "compile"): ("auto", "true", "false"),
+}
+POSITIVE = {("train", k) for k in ("initial_lr", "num_epochs", "num_iterations_per_epoch", "gradient_clip",
+                                   "num_val_iterations_per_epoch", "batch_size", "max_nonfinite_steps", "save_every")}
+POSITIVE |= {("lora", "r"), ("lora", "lora_alpha")}
+NON_NEGATIVE = {("train", "weight_decay"), ("train", "warmup_epochs"), ("lora", "lora_dropout")}
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union:
+        return any(_type_ok(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, List):
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
+
+
+def _check_section(name: str, values: Any, source: str) -> Any:
+    cls = SECTIONS[name]
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {type(values).__name__}.")
+    hints = typing.get_type_hints(cls)
+    valid = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'. Valid keys in '{name}': {', '.join(valid)}.")
+        if name == "train" and key == "compile" and isinstance(value, bool):
+            value = values[key] = str(value).lower()
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(
+                f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})."
+            )
+        if (name, key) in CHOICES and value not in CHOICES[name, key]:
+            raise ConfigError(f"{source}: '{name}.{key}' must be one of {', '.join(CHOICES[name, key])}, got {value!r}.")
+        if (name, key) in POSITIVE and value is not None and value <= 0:
+            raise ConfigError(f"{source}: '{name}.{key}' must be positive, got {value!r}.")
+        if (name, key) in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{source}: '{name}.{key}' must not be negative, got {value!r}.")
+    return cls(**values)
+
+
+def import_model_module(model_path: str, source: str = "config"):
+    """Import ``model.model_path`` and check it provides ``create_segmentation_model``."""
+    try:
+        module = importlib.import_module(model_path)
+    except ImportError as err:
+        raise ConfigError(
+            f"{source}: model.model_path '{model_path}' cannot be imported ({err}). "
+            f"Built-in modules: nnunetv2.model.model_dpt, model_upernet, model_segformer, model_primus."
+        ) from err
+    if not callable(getattr(module, "create_segmentation_model", None)):
+        raise ConfigError(f"{source}: model.model_path '{model_path}' has no create_segmentation_model() factory.")
+    return module
+
+
+def _check_model(model: ModelSection, source: str) -> None:
+    from nnunetv2.model.backbone import get_family
+
+    try:
+        family = get_family(model.backbone, model.backbone_size)
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from err
+    if model.checkpoint_path == "":
+        model.checkpoint_path = None
+    if model.checkpoint_path is not None:
+        path = Path(model.checkpoint_path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{source}: model.checkpoint_path '{model.checkpoint_path}' does not exist.")
+        model.checkpoint_path = str(path.resolve())
+    elif model.pretrained and family.pretrained_tag is None:
+        raise ConfigError(
+            f"{source}: backbone '{model.backbone}' has no public download: set model.checkpoint_path to your "
+            f"checkpoint file, or model.pretrained: false to start from random weights."
+        )
+    factory = import_model_module(model.model_path, source).create_segmentation_model
+    decoder_keys = [k for k in inspect.signature(factory).parameters if k not in FACTORY_KEYWORDS]
+    for key in model.decoder:
+        if key not in decoder_keys:
+            raise ConfigError(
+                f"{source}: unknown key 'model.decoder.{key}' for {model.model_path}. "
+                f"Valid decoder keys: {', '.join(decoder_keys) or '(none)'}."
+            )
+
+
+def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any]]:
+    """Check a parsed YAML mapping and return the resolved config (every key, defaults filled in)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}.")
+    for name in raw:
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}'. Valid sections: {', '.join(SECTIONS)}.")
+    if "model_path" not in (raw.get("model") or {}):
+        raise ConfigError(f"{source}: 'model.model_path' is required (e.g. nnunetv2.model.model_dpt).")
+    sections = {name: _check_section(name, raw.get(name), source) for name in SECTIONS}
+    _check_model(sections["model"], source)
+    return {name: dataclasses.asdict(section) for name, section in sections.items()}
+
+
+def resolve_config_path(path: Union[str, Path]) -> Path:
+    """A config path as given, or a bare name of a built-in config (``dpt`` -> nnunetv2/configs/dpt.yaml)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    builtin = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    if builtin.is_file() and path.parent == Path("."):
+        return builtin
+    raise ConfigError(f"Config file not found: {path}. Built-in configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}.")
+
+
+def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
+    """Read, validate and resolve a YAML config file."""
+    path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
+    return validate_config(raw, str(path))
+
+
+def model_kwargs(config: Dict[str, Dict[str, Any]], in_channels: int, num_classes: int, load_weights: bool) -> Dict[str, Any]:
+    """Keyword arguments for ``create_segmentation_model`` from a resolved config.
+
+    ``load_weights=False`` builds the architecture only (prediction, resuming: the weights come
+    from the nnU-Net checkpoint, so no download and no backbone file are needed).
+    """
+    model, lora = config["model"], config["lora"]
+    return dict(
+        backbone_name=model["backbone"],
+        backbone_size=model["backbone_size"],
+        num_classes=num_classes,
+        checkpoint_path=model["checkpoint_path"] if load_weights else None,
+        pretrained=model["pretrained"] and load_weights,
+        in_channels=in_channels,
+        use_lora=lora["enabled"],
+        lora_rank=lora["r"],
+        lora_alpha=lora["lora_alpha"],
+        lora_dropout=lora["lora_dropout"],
+        lora_target_modules=lora["target_modules"],
+        **model["decoder"],
+    )
+
+
+def build_model(config: Dict[str, Dict[str, Any]], in_channels: int, num_classes: int, load_weights: bool):
+    """Build the segmentation network a resolved config describes."""
+    factory = import_model_module(config["model"]["model_path"]).create_segmentation_model
+    return factory(**model_kwargs(config, in_channels, num_classes, load_weights))

@@ -1,0 +1,224 @@
+"""``nnUNetv2_train_vit.py``: upstream ``nnUNetv2_train`` plus ``--config`` for the ViT model.
+
+Everything is checked before heavy work starts (dataset, plans, configuration, YAML), the
+resolved config is put into the plans the trainer receives, and then upstream's training,
+checkpoint loading and validation run as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import socket
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from batchgenerators.utilities.file_and_folder_operations import load_json
+
+from nnunetv2.vit.cli import get_device, register_trainer_discovery, run_main
+from nnunetv2.vit.config import ConfigError, load_config
+from nnunetv2.vit.trainer import (
+    VIT_CONFIG_KEY, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, stored_vit_config,
+)
+
+CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnUNetv2_train_vit.py",
+        description="Train a ViT segmentation model (DPT, UperNet, SegFormer, Primus) with nnU-Net v2.",
+    )
+    parser.add_argument("dataset_name_or_id", help="Dataset name or ID to train with")
+    parser.add_argument("configuration", help="nnU-Net configuration; ViT models are 2D, so '2d'")
+    parser.add_argument("fold", help="Fold of the 5-fold cross-validation (0-4) or 'all'")
+    parser.add_argument("--config", default=None,
+                        help="YAML model/training config (a path, or a built-in name such as 'dpt'). Required for a new "
+                             "training; --c and --val reuse the config stored with the results if left out.")
+    parser.add_argument("-tr", default="nnUNetTrainer_vit", help="Trainer class (default: nnUNetTrainer_vit)")
+    parser.add_argument("-p", default="nnUNetPlans", help="Plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-pretrained_weights", default=None,
+                        help="nnU-Net checkpoint whose network weights initialise the model")
+    parser.add_argument("-num_gpus", type=int, default=1, help="Number of GPUs for DDP training")
+    parser.add_argument("--npz", action="store_true", help="Save softmax predictions of the final validation")
+    parser.add_argument("--c", action="store_true", help="Continue training from the latest checkpoint")
+    parser.add_argument("--val", action="store_true", help="Only run the validation (training must be finished)")
+    parser.add_argument("--val_best", action="store_true", help="Validate with checkpoint_best instead of checkpoint_final")
+    parser.add_argument("--disable_checkpointing", action="store_true", help="Write no checkpoints")
+    parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
+    return parser
+
+
+def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: str) -> tuple[str, dict, dict]:
+    """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    if not nnUNet_preprocessed.is_set():
+        raise ConfigError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
+    try:
+        dataset_name = maybe_convert_to_dataset_name(
+            dataset_name_or_id if dataset_name_or_id.startswith("Dataset") else int(dataset_name_or_id))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"Dataset '{dataset_name_or_id}' not found: {err}") from err
+    folder = Path(nnUNet_preprocessed.get()) / dataset_name
+    plans_file = folder / f"{plans_identifier}.json"
+    if not plans_file.is_file():
+        raise ConfigError(
+            f"{plans_file} does not exist: dataset {dataset_name} is not preprocessed with plans '{plans_identifier}'. "
+            f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c 2d` first."
+        )
+    plans = load_json(str(plans_file))
+    if configuration not in plans["configurations"]:
+        raise ConfigError(f"Configuration '{configuration}' is not in {plans_file}. Available: "
+                          f"{', '.join(plans['configurations'])}. ViT models use '2d'.")
+    patch_size = plans["configurations"][configuration].get("patch_size")
+    if patch_size is not None and len(patch_size) != 2:
+        raise ConfigError(f"ViT models are 2D, but configuration '{configuration}' is {len(patch_size)}D. Use '2d'.")
+    if not (folder / plans["configurations"][configuration].get("data_identifier", "")).is_dir():
+        raise ConfigError(f"Configuration '{configuration}' of {dataset_name} is planned but not preprocessed. "
+                          f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}` first.")
+    return dataset_name, plans, load_json(str(folder / "dataset.json"))
+
+
+def results_folder(dataset_name: str, trainer: str, plans_identifier: str, configuration: str, fold: str) -> Path:
+    from nnunetv2.paths import nnUNet_results
+
+    if not nnUNet_results.is_set():
+        raise ConfigError("nnUNet_results is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
+    return Path(nnUNet_results.get()) / dataset_name / f"{trainer}__{plans_identifier}__{configuration}" / f"fold_{fold}"
+
+
+def readable_checkpoints(fold_folder: Path) -> List[tuple[Path, dict]]:
+    """Checkpoints of a fold in resume order, skipping (and reporting) unreadable ones."""
+    found = []
+    for name in CHECKPOINT_PREFERENCE:
+        path = fold_folder / name
+        if path.is_file():
+            try:
+                found.append((path, read_training_checkpoint(str(path))))
+            except RuntimeError as err:
+                print(f"WARNING: {err} Trying the next checkpoint.")
+    return found
+
+
+def resolve_config(args: argparse.Namespace, fold_folder: Path, configuration: str,
+                   checkpoints: List[tuple[Path, dict]]) -> dict:
+    """The config to train with: the YAML file, or for --c/--val the one stored with the results."""
+    stored = next((c for c in (stored_vit_config(ckpt, configuration) for _, ckpt in checkpoints) if c), None)
+    if args.config is None:
+        if stored is None:
+            raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
+                              + ("" if not (args.c or args.val) else f"; no usable checkpoint in {fold_folder}."))
+        return stored
+    config = load_config(args.config)
+    if stored is not None and not same_model(stored, config):
+        raise ConfigError(
+            f"{fold_folder} already holds a model trained with a different config ({describe_model(stored)}); "
+            f"--config asks for {describe_model(config)}. Use another nnUNet_results folder or fold, or the same config."
+        )
+    return config
+
+
+def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
+                      resume: Optional[Path]) -> None:
+    """What upstream's run_training does per process, for the ViT trainer."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    trainer_class = recursive_find_trainer_class_by_name(args.tr)
+    if not issubclass(trainer_class, nnUNetTrainer_vit):
+        raise ConfigError(f"Trainer {args.tr} is not a subclass of nnUNetTrainer_vit.")
+    fold = args.fold if args.fold == "all" else int(args.fold)
+    plans = copy.deepcopy(plans)
+    plans["continue_training"] = resume is not None
+    trainer = trainer_class(plans=plans, configuration=args.configuration, fold=fold, dataset_json=dataset_json,
+                            device=device)
+    trainer.disable_checkpointing = args.disable_checkpointing
+    trainer.load_pretrained_backbone = resume is None
+    if resume is not None:
+        trainer.load_checkpoint(str(resume))
+    elif args.pretrained_weights:
+        trainer.initialize()
+        load_pretrained_weights(trainer.network, args.pretrained_weights, verbose=True)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+    if not args.val:
+        trainer.run_training()
+    if args.val_best:
+        trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_best.pth"))
+    trainer.perform_actual_validation(args.npz)
+
+
+def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dict, dataset_json: dict,
+                resume: Optional[Path]) -> None:
+    dist.init_process_group("nccl", rank=rank, world_size=world_size)
+    torch.cuda.set_device(rank)
+    try:
+        train_one_process(args, plans, dataset_json, torch.device("cuda", rank), resume)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> None:
+    register_trainer_discovery()
+    if args.c and args.val:
+        raise ConfigError("--c and --val cannot be combined.")
+    if args.val_best and args.disable_checkpointing:
+        raise ConfigError("--val_best needs checkpoints; it cannot be combined with --disable_checkpointing.")
+    if args.c and args.pretrained_weights:
+        raise ConfigError("-pretrained_weights only applies to a new training, not with --c.")
+    if args.pretrained_weights and not Path(args.pretrained_weights).is_file():
+        raise ConfigError(f"-pretrained_weights file not found: {args.pretrained_weights}")
+    if args.fold != "all" and not args.fold.isdigit():
+        raise ConfigError(f"fold must be an integer or 'all', got '{args.fold}'.")
+    device = get_device(args.device)
+    if args.num_gpus > 1 and device.type != "cuda":
+        raise ConfigError("-num_gpus > 1 trains with DDP over NCCL and needs CUDA GPUs (-device cuda).")
+
+    dataset_name, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
+    fold_folder = results_folder(dataset_name, args.tr, args.p, args.configuration, args.fold)
+    checkpoints = readable_checkpoints(fold_folder) if (args.c or args.val or fold_folder.is_dir()) else []
+    config = resolve_config(args, fold_folder, args.configuration, checkpoints)
+
+    resume = None
+    if args.val:
+        final = fold_folder / "checkpoint_final.pth"
+        if final not in [path for path, _ in checkpoints]:
+            raise ConfigError(f"Cannot run validation: {final} is missing or unreadable (training not finished).")
+        resume = final
+    elif args.c:
+        resume = checkpoints[0][0] if checkpoints else None
+        if resume is None:
+            print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
+
+    configuration = plans["configurations"][args.configuration]
+    configuration[VIT_CONFIG_KEY] = config
+    if config["train"]["batch_size"] is not None:
+        configuration["batch_size"] = config["train"]["batch_size"]
+
+    if args.num_gpus > 1:
+        os.environ.setdefault("MASTER_ADDR", "localhost")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as sock:
+                sock.bind(("", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume), nprocs=args.num_gpus, join=True)
+    else:
+        train_one_process(args, plans, dataset_json, device, resume)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    # As upstream's nnUNetv2_train: one thread per data-augmentation worker, or they oversubscribe the CPU.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        os.environ[var] = "1"
+    args = build_parser().parse_args(argv)
+    run_main("nnUNetv2_train_vit.py", lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""nnUNetTrainer_vit: upstream nnU-Net training for ViT segmentation models configured by YAML.
+
+The resolved YAML config lives in the plans, under ``configurations[<name>]["vit_config"]``:
+upstream copies the plans into the results folder and every checkpoint, so prediction and
+``--val`` rebuild the network from there, without the YAML file or any download.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.vit.config import ConfigError, build_model
+
+VIT_CONFIG_KEY = "vit_config"
+
+
+def vit_config_of(configuration_manager: ConfigurationManager) -> dict:
+    """The resolved ViT config stored in a configuration of the plans."""
+    config = configuration_manager.configuration.get(VIT_CONFIG_KEY)
+    if config is None:
+        raise ConfigError(
+            "These plans hold no ViT model config: train with `nnUNetv2_train_vit.py ... --config CONFIG.yaml`, "
+            "which stores it in the plans and checkpoints."
+        )
+    return config
+
+
+class WarmupPolyLRScheduler:
+    """Linear warm-up to ``initial_lr`` for ``warmup_steps`` epochs, then nnU-Net's poly decay."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int, warmup_steps: int) -> None:
+        self.warmup = Lin_incr_LRScheduler(optimizer, initial_lr, warmup_steps) if warmup_steps else None
+        self.decay = (
+            PolyLRScheduler_offset(optimizer, initial_lr, max_steps, warmup_steps)
+            if warmup_steps
+            else PolyLRScheduler(optimizer, initial_lr, max_steps)
+        )
+
+    def step(self, current_step: int) -> None:
+        in_warmup = self.warmup is not None and current_step < self.warmup.max_steps
+        (self.warmup if in_warmup else self.decay).step(current_step)
+
+
+class nnUNetTrainer_vit(nnUNetTrainer):
+    """Trains the ViT model named by the plans' ``vit_config``; 2D only, no deep supervision."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if len(self.configuration_manager.patch_size) != 2:
+            raise ConfigError(
+                f"ViT models are 2D, but configuration '{configuration}' has a "
+                f"{len(self.configuration_manager.patch_size)}D patch size. Use the '2d' configuration."
+            )
+        self.vit_config = vit_config_of(self.configuration_manager)
+        train = self.vit_config["train"]
+        self.initial_lr = train["initial_lr"]
+        self.weight_decay = train["weight_decay"]
+        self.num_epochs = train["num_epochs"]
+        self.num_iterations_per_epoch = train["num_iterations_per_epoch"]
+        self.num_val_iterations_per_epoch = train["num_val_iterations_per_epoch"]
+        self.save_every = train["save_every"]
+        self.enable_deep_supervision = False
+        self.precision = self._resolve_precision(train["precision"])
+        if self.precision != "fp16":
+            self.grad_scaler = None  # bf16 and fp32 need no loss scaling
+        # Set to False (resume, --val) to build the architecture only: the weights come from a checkpoint.
+        self.load_pretrained_backbone = True
+        # Upstream's initialize() builds the network through this hook; for training it must also
+        # load the pretrained backbone and apply the memory settings (the static one is for prediction).
+        self.build_network_architecture = self._build_training_network
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+
+    def _resolve_precision(self, precision: str) -> str:
+        if self.device.type != "cuda":
+            return "fp32"  # autocast on CPU is slow, on MPS unsupported (as upstream)
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return dummy_context()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> torch.nn.Module:
+        """Architecture only (no weight download); used by upstream's predictor."""
+        return build_model(vit_config_of(configuration_manager), num_input_channels, num_output_channels,
+                           load_weights=False)
+
+    def _build_training_network(self, plans_manager, configuration_manager, num_input_channels: int,
+                                num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
+        network = build_model(self.vit_config, num_input_channels, num_output_channels,
+                              load_weights=self.load_pretrained_backbone)
+        if self.vit_config["train"]["gradient_checkpointing"]:
+            network.set_grad_checkpointing(True)
+        return network
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The ViT segmentation model without DDP / torch.compile wrappers."""
+        network = self.network.module if isinstance(self.network, DDP) else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+    def _do_i_compile(self) -> bool:
+        setting = self.vit_config["train"]["compile"]
+        if setting == "auto":
+            return super()._do_i_compile()
+        return setting == "true" and self.device.type == "cuda"
+
+    def configure_optimizers(self):
+        train = self.vit_config["train"]
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        if train["optimizer"] == "adamw":
+            optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay,
+                                          betas=(0.9, 0.98), fused=self.device.type == "cuda")
+        else:
+            optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
+                                        momentum=0.99, nesterov=True)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train["warmup_epochs"])
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """ViT models have a single output; nothing to switch."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.print_to_log_file(f"ViT config: {self.vit_config}", also_print_to_console=False)
+        self.print_to_log_file(f"precision: {self.precision}\n{self.model.parameter_summary(detailed=True)}")
+
+    def train_step(self, batch: dict) -> dict:
+        """Upstream's step with the configured precision and clip value; non-finite losses are skipped."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"].to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.loss(self.network(data), target)
+
+        if not torch.isfinite(loss):
+            return self._skip_nonfinite_step(f"loss is {loss.item()}")
+        clip = self.vit_config["train"]["gradient_clip"]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            scale = self.grad_scaler.get_scale()
+            self.grad_scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.grad_scaler.update()
+            if self.grad_scaler.get_scale() < scale:
+                self.nonfinite_total += 1
+                self.print_to_log_file(f"fp16 gradient overflow: step skipped, loss scale now {self.grad_scaler.get_scale()}")
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._skip_nonfinite_step(f"gradient norm is {grad_norm.item()}")
+            self.optimizer.step()
+        self.nonfinite_streak = 0
+        return {"loss": loss.detach().cpu().numpy()}
+
+    def _skip_nonfinite_step(self, reason: str) -> dict:
+        self.nonfinite_streak += 1
+        self.nonfinite_total += 1
+        limit = self.vit_config["train"]["max_nonfinite_steps"]
+        self.print_to_log_file(f"Skipped training step: {reason} ({self.nonfinite_streak} in a row, limit {limit})")
+        if self.nonfinite_streak >= limit:
+            raise FloatingPointError(
+                f"Training stopped: {limit} consecutive steps had a non-finite loss or gradient. The last good "
+                f"checkpoint in {self.output_folder} is kept; lower train.initial_lr, use train.precision: bf16 "
+                f"or fp32, or check the data, then resume with --c."
+            )
+        return {"loss": np.array(np.nan)}
+
+    def on_train_epoch_end(self, train_outputs: List[dict]) -> None:
+        """Upstream's epoch loss, ignoring skipped (non-finite) steps."""
+        losses = collate_outputs(train_outputs)["loss"]
+        if self.is_ddp:
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, losses)
+            losses = np.concatenate([np.atleast_1d(x) for x in gathered])
+        finite = np.asarray(losses)[np.isfinite(losses)]
+        self.logger.log("train_losses", float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
+
+    def save_checkpoint(self, filename: str) -> None:
+        """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one."""
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.isfile(partial):
+            os.replace(partial, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """Upstream's loading, refusing checkpoints of a different model and naming unreadable files."""
+        checkpoint = filename_or_checkpoint
+        if isinstance(checkpoint, str):
+            checkpoint = read_training_checkpoint(checkpoint)
+        stored = stored_vit_config(checkpoint, self.configuration_name)
+        if stored is not None and not same_model(stored, self.vit_config):
+            raise ConfigError(
+                f"Checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} was trained "
+                f"with a different model ({describe_model(stored)}) than the config asks for "
+                f"({describe_model(self.vit_config)})."
+            )
+        super().load_checkpoint(checkpoint)
+
+
+def read_training_checkpoint(path: str) -> dict:
+    """Load an nnU-Net checkpoint, with an error naming the file if it is corrupt or truncated."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
+
+
+def stored_vit_config(checkpoint: dict, configuration: str) -> Optional[dict]:
+    """The ViT config recorded in a checkpoint's trainer init args, if any."""
+    plans = checkpoint.get("init_args", {}).get("plans", {})
+    return plans.get("configurations", {}).get(configuration, {}).get(VIT_CONFIG_KEY)
+
+
+def same_model(a: dict, b: dict) -> bool:
+    """Whether two configs describe the same network architecture (weights sources may differ)."""
+    def arch(config: dict) -> tuple:
+        model = {k: v for k, v in config["model"].items() if k not in ("checkpoint_path", "pretrained")}
+        return model, config["lora"]
+    return arch(a) == arch(b)
+
+
+def describe_model(config: dict) -> str:
+    model = config["model"]
+    lora = " + LoRA" if config["lora"]["enabled"] else ""
+    return f"{model['model_path']}, {model['backbone']} {model['backbone_size']}, decoder {model['decoder']}{lora}"

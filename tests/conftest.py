@@ -1,0 +1,16 @@
+"""Shared test set-up: offline hub (downloads fail fast), few CPU threads, fixed seeds."""
+
+import os
+
+# Set before timm / huggingface_hub are imported anywhere: huggingface_hub reads it at import time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
