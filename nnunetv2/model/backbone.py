@@ -26,7 +26,9 @@ StateDict = Dict[str, torch.Tensor]
 
 # A checkpoint whose tensors cover less than this share of the backbone is refused: it is almost
 # certainly the wrong file, and silently training from random weights would waste the user's run.
-MIN_MATCHED_FRACTION = 0.5
+# 0.9, not lower: a checkpoint of a sibling family (dinov3 file into dinov2) still matches ~79%
+# (blocks' linear layers) while its position embedding, biases and layer scales stay random.
+MIN_MATCHED_FRACTION = 0.9
 
 
 class BackboneWeightsError(ValueError, RuntimeError):
@@ -197,7 +199,13 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
     first; timm's own filter then converts layouts it knows (Meta DINOv3 originals, pos-embed size).
     """
     state_dict = _unwrap_state_dict(read_checkpoint(path), family)
-    state_dict = family.checkpoint_filter(state_dict, model)
+    try:
+        state_dict = family.checkpoint_filter(state_dict, model)
+    except Exception as err:  # timm's filters assume their own family's layout (e.g. a pos_embed)
+        raise BackboneWeightsError(
+            f"Checkpoint {path} does not fit backbone {type(model).__name__}: converting it failed "
+            f"({type(err).__name__}: {err}). Check model.backbone / model.backbone_size for this file."
+        ) from err
     proj = "patch_embed.proj.weight"
     if in_channels != 3 and proj in state_dict and state_dict[proj].shape[1] == 3:
         state_dict[proj] = adapt_input_conv(in_channels, state_dict[proj])

@@ -12,7 +12,7 @@ import copy
 import os
 import socket
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -93,39 +93,44 @@ def results_folder(dataset_name: str, trainer: str, plans_identifier: str, confi
     return Path(nnUNet_results.get()) / dataset_name / f"{trainer}__{plans_identifier}__{configuration}" / f"fold_{fold}"
 
 
-def readable_checkpoints(fold_folder: Path) -> List[tuple[Path, dict]]:
-    """Checkpoints of a fold in resume order, skipping (and reporting) unreadable ones."""
-    found = []
-    for name in CHECKPOINT_PREFERENCE:
+def first_readable_checkpoint(fold_folder: Path, names: Sequence[str]) -> Optional[Tuple[Path, dict]]:
+    """The first of ``names`` in the fold folder that loads; unreadable ones are reported and skipped."""
+    for name in names:
         path = fold_folder / name
         if path.is_file():
             try:
-                found.append((path, read_training_checkpoint(str(path))))
+                return path, read_training_checkpoint(str(path))
             except RuntimeError as err:
-                print(f"WARNING: {err} Trying the next checkpoint.")
-    return found
+                print(f"WARNING: {err} Trying the previous checkpoint.")
+    return None
 
 
-def resolve_config(args: argparse.Namespace, fold_folder: Path, configuration: str,
-                   checkpoints: List[tuple[Path, dict]]) -> dict:
+def stored_config(fold_folder: Path, configuration: str) -> Optional[dict]:
+    """The ViT config of an existing training in this results folder (from its plans.json)."""
+    plans_file = fold_folder.parent / "plans.json"
+    if not plans_file.is_file():
+        return None
+    return load_json(str(plans_file))["configurations"].get(configuration, {}).get(VIT_CONFIG_KEY)
+
+
+def resolve_config(args: argparse.Namespace, fold_folder: Path, configuration: str, stored: Optional[dict]) -> dict:
     """The config to train with: the YAML file, or for --c/--val the one stored with the results."""
-    stored = next((c for c in (stored_vit_config(ckpt, configuration) for _, ckpt in checkpoints) if c), None)
     if args.config is None:
-        if stored is None:
+        if stored is None or not (args.c or args.val):
             raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
-                              + ("" if not (args.c or args.val) else f"; no usable checkpoint in {fold_folder}."))
+                              + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
         return stored
     config = load_config(args.config)
     if stored is not None and not same_model(stored, config):
         raise ConfigError(
-            f"{fold_folder} already holds a model trained with a different config ({describe_model(stored)}); "
-            f"--config asks for {describe_model(config)}. Use another nnUNet_results folder or fold, or the same config."
+            f"{fold_folder.parent} already holds a model trained with a different config ({describe_model(stored)}); "
+            f"--config asks for {describe_model(config)}. Use another nnUNet_results folder, or the same config."
         )
     return config
 
 
 def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
-                      resume: Optional[Path]) -> None:
+                      resume: Union[None, str, dict]) -> None:
     """What upstream's run_training does per process, for the ViT trainer."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
@@ -141,7 +146,7 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
     trainer.disable_checkpointing = args.disable_checkpointing
     trainer.load_pretrained_backbone = resume is None
     if resume is not None:
-        trainer.load_checkpoint(str(resume))
+        trainer.load_checkpoint(resume)
     elif args.pretrained_weights:
         trainer.initialize()
         load_pretrained_weights(trainer.network, args.pretrained_weights, verbose=True)
@@ -155,7 +160,7 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
 
 
 def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dict, dataset_json: dict,
-                resume: Optional[Path]) -> None:
+                resume: Optional[str]) -> None:
     dist.init_process_group("nccl", rank=rank, world_size=world_size)
     torch.cuda.set_device(rank)
     try:
@@ -182,19 +187,21 @@ def run(args: argparse.Namespace) -> None:
 
     dataset_name, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset_name, args.tr, args.p, args.configuration, args.fold)
-    checkpoints = readable_checkpoints(fold_folder) if (args.c or args.val or fold_folder.is_dir()) else []
-    config = resolve_config(args, fold_folder, args.configuration, checkpoints)
+    stored = stored_config(fold_folder, args.configuration)
+    config = resolve_config(args, fold_folder, args.configuration, stored)
 
-    resume = None
+    found = None
     if args.val:
-        final = fold_folder / "checkpoint_final.pth"
-        if final not in [path for path, _ in checkpoints]:
-            raise ConfigError(f"Cannot run validation: {final} is missing or unreadable (training not finished).")
-        resume = final
+        found = first_readable_checkpoint(fold_folder, ["checkpoint_final.pth"])
+        if found is None:
+            raise ConfigError(f"Cannot run validation: no readable checkpoint_final.pth in {fold_folder} "
+                              f"(training not finished?).")
     elif args.c:
-        resume = checkpoints[0][0] if checkpoints else None
-        if resume is None:
+        found = first_readable_checkpoint(fold_folder, CHECKPOINT_PREFERENCE)
+        if found is None:
             print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
+        else:
+            print(f"Continuing from {found[0]}")
 
     configuration = plans["configurations"][args.configuration]
     configuration[VIT_CONFIG_KEY] = config
@@ -207,9 +214,10 @@ def run(args: argparse.Namespace) -> None:
             with socket.socket() as sock:
                 sock.bind(("", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+        resume = str(found[0]) if found else None  # each process reads it; a loaded dict would be pickled N times
         mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume), nprocs=args.num_gpus, join=True)
     else:
-        train_one_process(args, plans, dataset_json, device, resume)
+        train_one_process(args, plans, dataset_json, device, found[1] if found else None)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -8,7 +8,7 @@ upstream copies the plans into the results folder and every checkpoint, so predi
 from __future__ import annotations
 
 import os
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -205,19 +205,29 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         if os.path.isfile(partial):
             os.replace(partial, filename)
 
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        """Upstream's loading, refusing checkpoints of a different model and naming unreadable files."""
-        checkpoint = filename_or_checkpoint
-        if isinstance(checkpoint, str):
-            checkpoint = read_training_checkpoint(checkpoint)
+    def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
+        """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own
+        version fails on dicts), refusing checkpoints of a different model and naming unreadable files."""
+        name = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "checkpoint"
+        checkpoint = read_training_checkpoint(name) if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
         stored = stored_vit_config(checkpoint, self.configuration_name)
         if stored is not None and not same_model(stored, self.vit_config):
-            raise ConfigError(
-                f"Checkpoint {filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else ''} was trained "
-                f"with a different model ({describe_model(stored)}) than the config asks for "
-                f"({describe_model(self.vit_config)})."
-            )
-        super().load_checkpoint(checkpoint)
+            raise ConfigError(f"{name} was trained with a different model ({describe_model(stored)}) than the config "
+                              f"asks for ({describe_model(self.vit_config)}).")
+        if not self.was_initialized:
+            self.initialize()
+        weights = {k[len("module."):] if k.startswith("module.") else k: v
+                   for k, v in checkpoint["network_weights"].items()}
+        self.model.load_state_dict(weights)
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get(
+            "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
 
 def read_training_checkpoint(path: str) -> dict:
