@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nnunetv2.model import model_dpt, model_primus, model_segformer, model_upernet
 from nnunetv2.model.common import pad_to_multiple
@@ -403,18 +402,29 @@ def test_forward_geometry_patch14(monkeypatch, height, width):
     torch.testing.assert_close(out[0, 1], expected_x[None, :].expand(height, width), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decoder_output_covers_token_grid_patch14(variant):
-    """Each decoder's logits are the dinov2 token grid times one factor on both axes (no extra row/column).
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def default_dinov2(request):
+    """Models with the default decoder options on a patch-14 backbone."""
+    return request.param, build(request.param, "dinov2", default_decoder=True).eval()
 
-    Input 80x110 is padded to 84x112, a 6x8 token grid: any decoder that adds or drops a row of
-    cells would be stretched by the final resize. Default decoder options.
+
+@pytest.mark.parametrize("height,width", [(80, 110), (98, 70)], ids=["even-grid-6x8", "odd-grid-7x5"])
+def test_decoder_output_covers_token_grid_patch14(default_dinov2, height, width):
+    """Each decoder's logits are the token grid times one factor on both axes (no extra row/column).
+
+    ``forward`` resizes the logits onto the padded image; a decoder whose output covers one token
+    more than the input (e.g. from a ceil-mode 0.5x level on an odd grid) would be squeezed, i.e.
+    misregistered. Decoders with a 0.5x level declare ``token_grid_multiple = 2`` so the padding
+    in ``forward`` always gives them an even grid.
     """
-    model = build(variant, "dinov2", default_decoder=True).eval()
-    x = pad_to_multiple(torch.randn(1, 3, 80, 110), 14)
+    variant, model = default_dinov2
+    multiple = 14 * model.token_grid_multiple
+    grid_h, grid_w = (-(-height // multiple) * multiple) // 14, (-(-width // multiple) * multiple) // 14
+    x = pad_to_multiple(torch.randn(1, 3, height, width), multiple)
+    assert x.shape[-2:] == (grid_h * 14, grid_w * 14)
     with torch.no_grad():
         logits = model.decode(x)
-    grid_h, grid_w = x.shape[-2] // 14, x.shape[-1] // 14
     out_h, out_w = logits.shape[-2:]
-    assert out_h * grid_w == out_w * grid_h, (logits.shape, (grid_h, grid_w))
-    assert out_h % grid_h == 0
+    assert out_h % grid_h == 0 and out_w % grid_w == 0 and out_h // grid_h == out_w // grid_w, (
+        f"decoder output {(out_h, out_w)} is not a multiple of the token grid {(grid_h, grid_w)}"
+    )

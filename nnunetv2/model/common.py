@@ -41,6 +41,9 @@ class ViTSegmentationModel(nn.Module):
     image, so this is a uniform rescale, never a shift) and cropped back.
     """
 
+    # Decoders with a 0.5x pyramid level need an even token grid, or that level is misaligned.
+    token_grid_multiple: int = 1
+
     def __init__(
         self,
         backbone_name: str = "dinov3",
@@ -76,7 +79,7 @@ class ViTSegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
-        x = pad_to_multiple(x, self.patch_size)
+        x = pad_to_multiple(x, self.patch_size * self.token_grid_multiple)
         logits = self.decode(x)
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)

@@ -27,6 +27,8 @@ class DPTSegmentationModel(ViTSegmentationModel):
     ``use_batch_norm_in_fusion_residual`` and ``dropout`` before the classifier.
     """
 
+    token_grid_multiple = 2
+
     def __init__(
         self,
         *,

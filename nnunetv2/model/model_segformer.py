@@ -23,6 +23,8 @@ class SegFormerSegmentationModel(ViTSegmentationModel):
     four pyramid levels, default ``[E/4, E/2, E, E]``) and ``dropout`` before the classifier.
     """
 
+    token_grid_multiple = 2
+
     def __init__(
         self,
         *,

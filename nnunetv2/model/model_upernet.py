@@ -23,6 +23,8 @@ class UperNetSegmentationModel(ViTSegmentationModel):
     bins) and ``pyramid_channels`` (channels of the four pyramid levels, default ``[E/4, E/2, E, E]``).
     """
 
+    token_grid_multiple = 2
+
     def __init__(
         self,
         *,

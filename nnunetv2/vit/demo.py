@@ -1,0 +1,196 @@
+"""The whole workflow on a built-in synthetic fundus dataset, in one command.
+
+``uv run python -m nnunetv2.vit.demo`` generates the demo dataset, runs upstream
+plan-and-preprocess, trains a small DPT (ViT-S DINOv3), predicts the test split, prints per-case
+and mean vessel Dice and writes a PNG panel. Every step is skipped when its result already exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DATASET_ID = 999
+DATASET_NAME = "DemoFundus"
+DEFAULT_CONFIG = REPO / "nnunetv2" / "configs" / "dpt_demo.yaml"
+VESSEL, DISC = 1, 2
+
+_logger = logging.getLogger("nnunetv2.vit.demo")
+
+
+def setup_paths(base: Path) -> Dict[str, Path]:
+    """nnU-Net's three folders: the environment's if set, else inside ``base``."""
+    paths = {}
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ.setdefault(var, str(base / var))
+        paths[var] = Path(os.environ[var])
+        paths[var].mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def step(message: str) -> None:
+    print(f"\n=== {message}", flush=True)
+
+
+def plan_and_preprocess(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
+    """Upstream's plan and preprocess for the 2d configuration, unless already done."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+        extract_fingerprints, plan_experiments, preprocess,
+    )
+
+    if (preprocessed / dataset_folder_name / "nnUNetPlans_2d").is_dir():
+        print(f"already preprocessed: {preprocessed / dataset_folder_name}")
+        return
+    processes = max(1, min(4, os.cpu_count() or 1))
+    extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=True)
+    plan_experiments([dataset_id])
+    preprocess([dataset_id], configurations=("2d",), num_processes=(processes,))
+
+
+def dice(reference: np.ndarray, prediction: np.ndarray, label: int) -> float:
+    ref, pred = reference == label, prediction == label
+    denominator = ref.sum() + pred.sum()
+    return float(2 * np.logical_and(ref, pred).sum() / denominator) if denominator else float("nan")
+
+
+def write_panel(cases: List[str], dataset: Path, predictions: Path, out_file: Path, scores: Dict[str, float]) -> None:
+    """Image, ground truth and prediction side by side for a few test cases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from PIL import Image
+
+    colours = ListedColormap(["black", "red", "yellow"])
+    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
+    for row, case in zip(axes, cases):
+        panels = [
+            (np.asarray(Image.open(dataset / "imagesTs" / f"{case}_0000.png")), {}, case),
+            (np.asarray(Image.open(dataset / "labelsTs" / f"{case}.png")), dict(cmap=colours, vmin=0, vmax=2),
+             "ground truth"),
+            (np.asarray(Image.open(predictions / f"{case}.png")), dict(cmap=colours, vmin=0, vmax=2),
+             f"prediction (vessel Dice {scores[case]:.3f})"),
+        ]
+        for ax, (array, style, title) in zip(row, panels):
+            ax.imshow(array, interpolation="nearest", **style)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=100)
+    plt.close(fig)
+
+
+def demo_config(config_path: Path, pretrained: bool, output: Path) -> Path:
+    """The config to train with; ``--pretrained`` switches on the timm download of DINOv3 weights."""
+    if not pretrained:
+        return config_path
+    raw = yaml.safe_load(config_path.read_text())
+    raw["model"]["pretrained"] = True
+    derived = output / f"{config_path.stem}_pretrained.yaml"
+    derived.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return derived
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+
+    started = time.monotonic()
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    paths = setup_paths(REPO)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    print("nnU-Net folders (set nnUNet_raw / nnUNet_preprocessed / nnUNet_results to change):")
+    for var, path in paths.items():
+        print(f"  {var} = {path}")
+    print(f"device: {device}")
+
+    from nnunetv2.vit.demo_data import write_demo_dataset
+
+    step("1/5 demo dataset")
+    dataset = write_demo_dataset(paths["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_train=args.num_train,
+                                 num_test=args.num_test, size=args.size)
+    print(dataset)
+
+    step("2/5 nnU-Net plan and preprocess (upstream)")
+    plan_and_preprocess(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
+
+    from nnunetv2.vit.config import load_config
+    from nnunetv2.vit.train import build_parser, results_folder, run as run_training, stored_config
+    from nnunetv2.vit.trainer import describe_model, same_model
+
+    step("3/5 train DPT (nnUNetv2_train_vit.py)")
+    config_file = demo_config(Path(args.config), args.pretrained, output)
+    fold_folder = results_folder(dataset.name, "nnUNetTrainer_vit", "nnUNetPlans", "2d", "0")
+    stored = stored_config(fold_folder, "2d")
+    if (fold_folder / "checkpoint_final.pth").is_file():
+        requested = load_config(config_file)
+        if stored is not None and not same_model(stored, requested):
+            raise FileExistsError(f"{fold_folder.parent} holds a model trained with another config "
+                                  f"({describe_model(stored)}); delete it to retrain the demo.")
+        print(f"already trained: {fold_folder / 'checkpoint_final.pth'}")
+    else:
+        train_args = ["999", "2d", "0", "--config", str(config_file), "-device", device]
+        if (fold_folder / "checkpoint_latest.pth").is_file():
+            train_args.append("--c")
+        run_training(build_parser().parse_args(train_args))
+
+    step("4/5 predict the test split (nnU-Net predictor)")
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.vit.cli import register_trainer_discovery
+
+    register_trainer_discovery()
+    predictions = output / "predictions"
+    predictor = nnUNetPredictor(device=torch.device(device), verbose=False, verbose_preprocessing=False,
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(fold_folder.parent), use_folds=(0,))
+    predictor.predict_from_files(str(dataset / "imagesTs"), str(predictions), save_probabilities=False,
+                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
+
+    step("5/5 vessel Dice on the test split")
+    from PIL import Image
+
+    scores = {}
+    for label_file in sorted((dataset / "labelsTs").glob("*.png")):
+        case = label_file.name[:-4]
+        reference = np.asarray(Image.open(label_file))
+        prediction = np.asarray(Image.open(predictions / label_file.name))
+        scores[case] = dice(reference, prediction, VESSEL)
+        print(f"  {case}: vessel Dice {scores[case]:.3f}   optic disc Dice {dice(reference, prediction, DISC):.3f}")
+    print(f"mean vessel Dice: {np.nanmean(list(scores.values())):.3f} over {len(scores)} test cases")
+
+    panel = output / "demo_panel.png"
+    write_panel(sorted(scores)[:3], dataset, predictions, panel, scores)
+    print(f"panel (image | ground truth | prediction): {panel}")
+    print(f"training progress plot: {fold_folder / 'progress.png'}")
+    print(f"total time: {time.monotonic() - started:.0f} s")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m nnunetv2.vit.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default: dpt_demo.yaml)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start from DINOv3 ViT-S weights downloaded through timm (needs network access)")
+    parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--output", default=str(REPO / "demo_output"), help="predictions and panel go here")
+    parser.add_argument("--num-train", type=int, default=24, help="training images to generate")
+    parser.add_argument("--num-test", type=int, default=6, help="test images to generate")
+    parser.add_argument("--size", type=int, default=256, help="image size in pixels")
+    args = parser.parse_args(argv)
+    from nnunetv2.vit.cli import run_main
+
+    run_main("nnunetv2.vit.demo", lambda: run(args))
+
+
+if __name__ == "__main__":
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    main()
