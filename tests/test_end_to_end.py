@@ -19,12 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from nnunetv2.vit.demo_data import write_demo_dataset
+from conftest import DATASET_ID, REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-DATASET_ID = 987
 TRAIN_TIMEOUT = 300
 
 TINY_DPT = """
@@ -47,26 +45,6 @@ train:
   num_val_iterations_per_epoch: 1
   save_every: 1
 """
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A raw demo dataset preprocessed by upstream nnU-Net, and the environment the commands need."""
-    root = tmp_path_factory.mktemp("nnunet")
-    env = dict(os.environ)
-    env.update(
-        nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "preprocessed"),
-        nnUNet_results=str(root / "results"), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
-        HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
-    )
-    dataset = write_demo_dataset(root / "raw", DATASET_ID, num_train=6, num_test=2, size=96, seed=3)
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d",
-         "-np", "1", "-npfp", "1"],
-        env=dict(env, nnUNet_n_proc_DA="1"), cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return root, env, dataset
 
 
 def run(args, env, timeout=TRAIN_TIMEOUT):

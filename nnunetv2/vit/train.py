@@ -113,20 +113,20 @@ def stored_config(fold_folder: Path, configuration: str) -> Optional[dict]:
     return load_json(str(plans_file))["configurations"].get(configuration, {}).get(VIT_CONFIG_KEY)
 
 
-def resolve_config(args: argparse.Namespace, fold_folder: Path, configuration: str, stored: Optional[dict]) -> dict:
-    """The config to train with: the YAML file, or for --c/--val the one stored with the results."""
-    if args.config is None:
+def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: Optional[dict],
+                   fold_folder: Path) -> dict:
+    """The config to train with: the YAML file's, or for --c/--val the one stored with the results."""
+    if requested is None:
         if stored is None or not (args.c or args.val):
             raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
                               + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
         return stored
-    config = load_config(args.config)
-    if stored is not None and not same_model(stored, config):
+    if stored is not None and not same_model(stored, requested):
         raise ConfigError(
             f"{fold_folder.parent} already holds a model trained with a different config ({describe_model(stored)}); "
-            f"--config asks for {describe_model(config)}. Use another nnUNet_results folder, or the same config."
+            f"--config asks for {describe_model(requested)}. Use another nnUNet_results folder, or the same config."
         )
-    return config
+    return requested
 
 
 def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
@@ -181,6 +181,7 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"-pretrained_weights file not found: {args.pretrained_weights}")
     if args.fold != "all" and not args.fold.isdigit():
         raise ConfigError(f"fold must be an integer or 'all', got '{args.fold}'.")
+    requested = load_config(args.config) if args.config else None
     device = get_device(args.device)
     if args.num_gpus > 1 and device.type != "cuda":
         raise ConfigError("-num_gpus > 1 trains with DDP over NCCL and needs CUDA GPUs (-device cuda).")
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> None:
     dataset_name, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset_name, args.tr, args.p, args.configuration, args.fold)
     stored = stored_config(fold_folder, args.configuration)
-    config = resolve_config(args, fold_folder, args.configuration, stored)
+    config = resolve_config(args, requested, stored, fold_folder)
 
     found = None
     if args.val:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch._dynamo import OptimizedModule
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -149,10 +150,14 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
+        running_stats = self._running_stats()
+        saved_stats = [buffer.clone() for buffer in running_stats]
         with self._autocast():
             loss = self.loss(self.network(data), target)
 
         if not torch.isfinite(loss):
+            for buffer, saved in zip(running_stats, saved_stats):  # a NaN batch must not poison BatchNorm
+                buffer.copy_(saved)
             return self._skip_nonfinite_step(f"loss is {loss.item()}")
         clip = self.vit_config["train"]["gradient_clip"]
         if self.grad_scaler is not None:
@@ -174,6 +179,12 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.optimizer.step()
         self.nonfinite_streak = 0
         return {"loss": loss.detach().cpu().numpy()}
+
+    def _running_stats(self) -> List[torch.Tensor]:
+        """BatchNorm running statistics: the only state a forward pass changes."""
+        return [buffer for module in self.model.modules() if isinstance(module, _BatchNorm)
+                for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
+                if buffer is not None]
 
     def _skip_nonfinite_step(self, reason: str) -> dict:
         self.nonfinite_streak += 1

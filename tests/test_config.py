@@ -1,0 +1,131 @@
+"""YAML config validation: every bad config gives one clear error before any heavy work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nnunetv2.vit.config import CONFIG_DIR, ConfigError, build_model, load_config, model_kwargs, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = {
+    "model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
+              "pretrained": False, "decoder": {"fusion_hidden_size": 32}},
+    "lora": {"enabled": False},
+    "train": {"initial_lr": 0.001},
+}
+
+
+def with_change(section: str, key: str, value) -> dict:
+    config = yaml.safe_load(yaml.safe_dump(GOOD))
+    config.setdefault(section, {})[key] = value
+    return config
+
+
+BAD_CONFIGS = {
+    "unknown section": ({**GOOD, "optim": {}}, "unknown section 'optim'"),
+    "section not a mapping": ({**GOOD, "train": [1, 2]}, "section 'train' must be a mapping"),
+    "unknown model key": (with_change("model", "backbone_name", "dinov3"), "unknown key 'model.backbone_name'"),
+    "unknown lora key": (with_change("lora", "rank", 8), "unknown key 'lora.rank'"),
+    "unknown train key": (with_change("train", "lr", 0.1), "unknown key 'train.lr'"),
+    "unknown decoder option": (with_change("model", "decoder", {"fusion_size": 64}), "model.decoder.fusion_size"),
+    "decoder option of another decoder": (with_change("model", "decoder", {"pool_scales": [1, 2]}), "Valid decoder keys"),
+    "missing model_path": ({"model": {"backbone": "dinov3"}}, "model.model_path' is required"),
+    "model_path not importable": (with_change("model", "model_path", "nnunetv2.model.model_dtp"), "cannot be imported"),
+    "model_path without factory": (with_change("model", "model_path", "nnunetv2.model.backbone"), "no create_segmentation_model"),
+    "unknown backbone": (with_change("model", "backbone", "dinov4"), "Valid backbones: dinov3, dinov2, retfound, visionfm"),
+    "unknown backbone size": (with_change("model", "backbone_size", "tiny"), "Valid sizes: small, small_plus"),
+    "missing checkpoint file": (with_change("model", "checkpoint_path", "/nonexistent/weights.pth"), "does not exist"),
+    "retfound without checkpoint": ({**GOOD, "model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "retfound",
+                                                        "backbone_size": "large"}}, "no public download"),
+    "lr as string": (with_change("train", "initial_lr", "fast"), "'train.initial_lr' must be float"),
+    "negative lr": (with_change("train", "initial_lr", -0.1), "'train.initial_lr' must be positive"),
+    "zero epochs": (with_change("train", "num_epochs", 0), "'train.num_epochs' must be positive"),
+    "float epochs": (with_change("train", "num_epochs", 10.5), "'train.num_epochs' must be int"),
+    "negative weight decay": (with_change("train", "weight_decay", -1e-5), "must not be negative"),
+    "unknown optimizer": (with_change("train", "optimizer", "adam"), "must be one of sgd, adamw"),
+    "unknown precision": (with_change("train", "precision", "fp8"), "must be one of auto, fp32, fp16, bf16"),
+    "bool as string": (with_change("lora", "enabled", "yes"), "'lora.enabled' must be bool"),
+    "target_modules not a list": (with_change("lora", "target_modules", "qkv"), "'lora.target_modules' must be"),
+    "not a mapping": ([1, 2, 3], "expected a mapping"),
+}
+
+
+@pytest.mark.parametrize("raw,expected", list(BAD_CONFIGS.values()), ids=list(BAD_CONFIGS))
+def test_bad_config_is_one_clear_error(tmp_path, raw, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert expected in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_yaml_syntax_error_names_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  model_path: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_missing_config_file_lists_builtins(tmp_path):
+    with pytest.raises(ConfigError, match="Config file not found.*dpt_lora"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_defaults_filled_and_empty_checkpoint_means_none():
+    config = validate_config({"model": {"model_path": "nnunetv2.model.model_dpt", "checkpoint_path": ""}})
+    assert config["model"]["checkpoint_path"] is None
+    assert config["train"] == {
+        "initial_lr": 0.01, "weight_decay": 3e-5, "gradient_clip": 12.0, "num_epochs": 1000,
+        "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50, "optimizer": "sgd",
+        "warmup_epochs": 0, "precision": "auto", "compile": "auto", "gradient_checkpointing": False,
+        "batch_size": None, "max_nonfinite_steps": 25, "save_every": 50,
+    }
+    assert config["lora"]["target_modules"] == ["qkv"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_builtin_configs_are_valid(path):
+    config = load_config(path)
+    assert config["model"]["model_path"].startswith("nnunetv2.model.model_")
+
+
+def test_seed_configs_keep_the_plan_values():
+    for name, iterations, validation in (("dpt", 250, 50), ("dpt_test_dinov3", 10, 10)):
+        config = load_config(name)
+        assert config["model"]["backbone"] == "dinov3" and config["model"]["backbone_size"] == "large"
+        assert config["model"]["decoder"] == {"fusion_hidden_size": 256, "readout_type": "project"}
+        assert config["train"]["initial_lr"] == 0.001 and config["train"]["gradient_clip"] == 12.0
+        assert config["train"]["num_iterations_per_epoch"] == iterations
+        assert config["train"]["num_val_iterations_per_epoch"] == validation
+    assert load_config("dpt_lora")["lora"]["enabled"] is True
+
+
+def test_config_builds_the_model_it_describes():
+    config = validate_config({**GOOD, "lora": {"enabled": True, "r": 4}})
+    model = build_model(config, in_channels=1, num_classes=3, load_weights=False)
+    assert model.num_classes == 3 and model.backbone_model_name == "vit_small_patch16_dinov3"
+    assert model.vit.patch_embed.proj.in_channels == 1
+    assert any("lora_A" in name for name, _ in model.named_parameters())
+    assert model_kwargs(config, 1, 3, load_weights=False)["pretrained"] is False
+
+
+def test_train_command_rejects_bad_config_with_exit_code(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(with_change("train", "initial_lr", -1)))
+    env = {"PATH": "/usr/bin:/bin", "nnUNet_preprocessed": str(tmp_path), "nnUNet_raw": str(tmp_path),
+           "nnUNet_results": str(tmp_path)}
+    result = subprocess.run([sys.executable, "nnUNetv2_train_vit.py", "1", "2d", "0", "--config", str(path),
+                             "-device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert "'train.initial_lr' must be positive" in errors[0]

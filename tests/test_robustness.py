@@ -1,0 +1,223 @@
+"""Nothing lost: non-finite steps, interrupted checkpoint writes, unreadable or foreign checkpoints,
+bad datasets and inputs, and DDP gradient synchronisation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from PIL import Image
+
+from conftest import DATASET_ID
+from nnunetv2.vit import predict as predict_cli
+from nnunetv2.vit import train as train_cli
+from nnunetv2.vit.config import ConfigError, validate_config
+from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+pytestmark = pytest.mark.slow
+
+TINY_MODEL = {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
+              "pretrained": False, "decoder": {"fusion_hidden_size": 16, "neck_hidden_sizes": [16, 16, 16, 16]}}
+
+
+@pytest.fixture
+def nnunet_env(workspace, tmp_path, monkeypatch):
+    """The session's preprocessed dataset, with a fresh results folder per test."""
+    root, env, dataset = workspace
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        monkeypatch.setenv(var, env[var])
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    return root, dataset, tmp_path / "results"
+
+
+def make_trainer(model: dict = TINY_MODEL, **train) -> nnUNetTrainer_vit:
+    _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
+    plans["configurations"]["2d"]["vit_config"] = validate_config({"model": model, "train": train})
+    plans["continue_training"] = False
+    trainer = nnUNetTrainer_vit(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def batch(trainer: nnUNetTrainer_vit, value: float = 0.0) -> dict:
+    size = trainer.configuration_manager.patch_size
+    data = torch.full((2, trainer.num_input_channels, *size), value)
+    return {"data": data, "target": torch.randint(0, 3, (2, 1, *size)).float()}
+
+
+def run_cli(main, argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
+    trainer = make_trainer(max_nonfinite_steps=3, optimizer="adamw", initial_lr=1e-3)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    for _ in range(2):
+        assert np.isnan(trainer.train_step(batch(trainer, float("nan")))["loss"])
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, f"a NaN step changed {changed[:5]}"
+    assert np.isfinite(trainer.train_step(batch(trainer))["loss"])  # a good step resets the streak
+    assert trainer.nonfinite_streak == 0
+    for _ in range(2):
+        trainer.train_step(batch(trainer, float("inf")))
+    with pytest.raises(FloatingPointError, match="3 consecutive steps.*last good checkpoint"):
+        trainer.train_step(batch(trainer, float("nan")))
+    log = open(trainer.log_file).read()
+    assert log.count("Skipped training step") == 5
+
+    trainer.on_train_epoch_end([{"loss": np.array(1.0)}, {"loss": np.array(np.nan)}, {"loss": np.array(3.0)}])
+    assert trainer.logger.get_value("train_losses", step=-1) == 2.0
+
+
+def test_killed_checkpoint_write_keeps_the_previous_checkpoint(nnunet_env, monkeypatch):
+    trainer = make_trainer()
+    target = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.current_epoch = 4
+    trainer.save_checkpoint(target)
+
+    def dying_save(obj, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkp")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    trainer.current_epoch = 9
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False)["current_epoch"] == 5
+
+
+def test_resume_skips_an_unreadable_checkpoint(nnunet_env, capsys):
+    trainer = make_trainer()
+    folder = trainer.output_folder
+    trainer.current_epoch = 2
+    trainer.save_checkpoint(os.path.join(folder, "checkpoint_latest.pth"))
+    with open(os.path.join(folder, "checkpoint_final.pth"), "wb") as f:
+        f.write(b"PK\x03\x04 truncated")
+    path, checkpoint = train_cli.first_readable_checkpoint(
+        __import__("pathlib").Path(folder), train_cli.CHECKPOINT_PREFERENCE)
+    assert path.name == "checkpoint_latest.pth" and checkpoint["current_epoch"] == 3
+    assert "checkpoint_final.pth" in capsys.readouterr().out
+
+
+def test_checkpoint_of_another_model_is_refused(nnunet_env):
+    trainer = make_trainer()
+    path = os.path.join(trainer.output_folder, "checkpoint_final.pth")
+    trainer.save_checkpoint(path)
+    other = make_trainer(model={**TINY_MODEL, "decoder": {"fusion_hidden_size": 8}})
+    with pytest.raises(ConfigError, match="different model"):
+        other.load_checkpoint(path)
+    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+        other.load_checkpoint(os.path.join(trainer.output_folder, "missing.pth"))
+
+
+def _write_results_folder(trainer: nnUNetTrainer_vit) -> None:
+    """What on_train_start and on_train_end leave behind, without training."""
+    save_json(trainer.plans_manager.plans, os.path.join(trainer.output_folder_base, "plans.json"))
+    save_json(trainer.dataset_json, os.path.join(trainer.output_folder_base, "dataset.json"))
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+
+
+def test_prediction_input_errors_write_nothing(nnunet_env, tmp_path, capsys):
+    _, dataset, results = nnunet_env
+    trainer = make_trainer()
+    _write_results_folder(trainer)
+    out = tmp_path / "predictions"
+    base = ["-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-device", "cpu", "-o", str(out)]
+
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(grey / "case_0000.png")
+    code, err = run_cli(predict_cli.main, ["-i", str(grey), *base], capsys)
+    assert code == 2 and "expects 3 input channel(s)" in err and "has 1" in err
+
+    code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base[:4], "-f", "1", *base[6:]], capsys)
+    assert code == 2 and "fold_1" in err and "not found" in err
+
+    other = make_trainer(model={**TINY_MODEL, "decoder": {"fusion_hidden_size": 8}})
+    other.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
+    code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base], capsys)
+    assert code == 2 and "holds a different model" in err
+
+    code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base[:2], "-c", "2d", "-tr", "Other",
+                                           *base[4:]], capsys)
+    assert code == 2 and "No trained model" in err
+    assert not out.exists()
+
+
+def test_dataset_errors_write_nothing(nnunet_env, tmp_path, capsys):
+    root, _, results = nnunet_env
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {TINY_MODEL}\n")
+    common = ["--config", str(config), "-device", "cpu"]
+
+    code, err = run_cli(train_cli.main, ["555", "2d", "0", *common], capsys)
+    assert code == 2 and "Dataset '555' not found" in err
+
+    raw_only = root / "raw" / "Dataset556_RawOnly"
+    shutil.copytree(root / "raw" / f"Dataset{DATASET_ID}_DemoFundus", raw_only)
+    code, err = run_cli(train_cli.main, ["556", "2d", "0", *common], capsys)
+    assert code == 2 and "not preprocessed" in err and "nnUNetv2_plan_and_preprocess -d 556" in err
+
+    code, err = run_cli(train_cli.main, [str(DATASET_ID), "3d_fullres", "0", *common], capsys)
+    assert code == 2 and "Configuration '3d_fullres' is not in" in err and "ViT models use '2d'" in err
+
+    code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d", "0", "-device", "cpu"], capsys)
+    assert code == 2 and "--config is required" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not results.exists() or not any(results.rglob("*.pth"))
+
+
+def test_3d_configuration_is_refused_by_the_trainer(nnunet_env):
+    _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
+    plans["configurations"]["3d_fullres"] = {**plans["configurations"]["2d"], "patch_size": [32, 32, 32],
+                                             "spacing": [1, 1, 1]}
+    plans["configurations"]["3d_fullres"]["vit_config"] = validate_config({"model": TINY_MODEL})
+    plans["continue_training"] = False
+    with pytest.raises(ConfigError, match="ViT models are 2D"):
+        nnUNetTrainer_vit(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+
+
+def _ddp_step(rank: int, world_size: int, port: int, results: dict) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nnunetv2.model.model_dpt import create_segmentation_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = create_segmentation_model("dinov3", "small", 3, pretrained=False, fusion_hidden_size=16,
+                                      neck_hidden_sizes=[16, 16, 16, 16], use_lora=True, lora_rank=4)
+    ddp = DDP(model)  # as nnU-Net wraps it: no find_unused_parameters
+    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=1e-3)
+    torch.manual_seed(rank)  # different data per rank
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    for _ in range(2):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+    results[rank] = torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad]).sum().item()
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_keep_weights_in_sync():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = mp.Manager().dict()
+    # fork: the children reuse the imported modules (spawn re-imports torch, timm, transformers per process)
+    mp.start_processes(_ddp_step, args=(2, port, results), nprocs=2, join=True, start_method="fork")
+    assert results[0] == pytest.approx(results[1], rel=0, abs=1e-6)
