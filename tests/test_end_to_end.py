@@ -105,6 +105,16 @@ def test_train_kill_resume_predict_evaluate(workspace, tmp_path):
         assert prediction.shape == truth.shape
         assert set(np.unique(prediction)) <= {0, 1, 2}
 
+    # Upstream's own nnUNetv2_predict works too once it can import this package and find the trainer.
+    upstream_out = tmp_path / "upstream_predictions"
+    upstream_env = dict(env, PYTHONPATH=str(REPO), nnUNet_extTrainer=str(REPO / "nnunetv2" / "vit" / "ext_trainers"))
+    upstream = run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(dataset / "imagesTs"), "-o",
+                    str(upstream_out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainer_vit",
+                    "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], upstream_env)
+    assert upstream.returncode == 0, upstream.stderr[-3000:]
+    for prediction in sorted(out.glob("*.png")):
+        assert np.array_equal(np.asarray(Image.open(prediction)), np.asarray(Image.open(upstream_out / prediction.name)))
+
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 

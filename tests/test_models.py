@@ -428,3 +428,14 @@ def test_decoder_output_covers_token_grid_patch14(default_dinov2, height, width)
     assert out_h % grid_h == 0 and out_w % grid_w == 0 and out_h // grid_h == out_w // grid_w, (
         f"decoder output {(out_h, out_w)} is not a multiple of the token grid {(grid_h, grid_w)}"
     )
+
+
+def test_bf16_autocast_matches_fp32(case):
+    """Mixed precision keeps outputs numerically equivalent to the fp32 model (relative error < 1e-2)."""
+    _, _, model = case
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x).float()
+    assert ((mixed - reference).norm() / reference.norm()).item() < 1e-2

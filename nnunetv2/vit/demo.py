@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     started = time.monotonic()
+    # Worker pools for validation export and preprocessing (read by nnunetv2.configuration at import):
+    # upstream's default of 8 spawned processes costs more than it gives on a small machine.
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     paths = setup_paths(REPO)
