@@ -37,9 +37,9 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -305,10 +305,10 @@ class RssPeak:
         return None if self.base is None else max(0, (self.peak or 0) - self.base)
 
 
-def release_memory(device: torch.device) -> None:
+def release_memory(device: torch.device, compiled: bool = False) -> None:
     """Free what the previous row left: Python garbage, compiled graphs, CUDA cache, malloc arenas."""
     gc.collect()
-    with contextlib.suppress(Exception):
+    if compiled:
         torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -317,7 +317,7 @@ def release_memory(device: torch.device) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def short_error(err: BaseException, limit: int = 110) -> str:
+def short_error(err: BaseException, limit: int = 80) -> str:
     """One-line error text for the table."""
     if isinstance(err, torch.OutOfMemoryError):
         return "OOM"
@@ -357,12 +357,12 @@ def run_row(v: Variant, args: argparse.Namespace, device: torch.device, peak_flo
         y = torch.randint(0, args.num_classes, (v.batch, v.size, v.size), device=device)
 
         def train_step(net: nn.Module) -> None:
+            optimizer.zero_grad(set_to_none=True)  # first, as nnU-Net does: no stale grads during forward
             with autocast():
                 logits = net(x)
                 if logits.shape[-2:] != y.shape[-2:]:
                     logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
                 loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -399,7 +399,10 @@ def run_row(v: Variant, args: argparse.Namespace, device: torch.device, peak_flo
     row.tflop_per_img = flops_per_img / 1e12
     row.pct_of_peak = 100 * flops_per_img * row.train_img_s / peak_flops
 
-    # Inference: eval mode, no autograd, its own batch size.
+    if args.skip_infer:
+        return
+    # Inference: eval mode, no autograd, its own batch size; gradients and optimizer state freed first.
+    optimizer.zero_grad(set_to_none=True)
     del optimizer, scaler, x, y, params
     model.eval()
     xi = torch.randn(args.infer_batch, 3, v.size, v.size, device=device).contiguous(memory_format=memory_format)
@@ -514,6 +517,8 @@ def environment(device: torch.device, argv: Sequence[str], peak: Tuple[float, st
         "device": name,
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_threads_reason": args.threads_reason,
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "versions": {pkg: package_version(pkg) for pkg in
                      ("torch", "timm", "transformers", "peft", "dynamic_network_architectures")},
@@ -546,7 +551,7 @@ def header_lines(env: dict, args: argparse.Namespace) -> List[str]:
     hf = HF_DPT_CONFIGS[args.hf_config]
     hf_desc = {"large": "DPT-Large (ViT-L/16)", "small": "a ViT-S/16 sized DPT", "tiny": "a tiny test DPT"}[args.hf_config]
     lines = [
-        f"Device: {env['device']} ({env['device_type']}, {env['cpu_threads']} CPU threads) | torch "
+        f"Device: {env['device']} ({env['device_type']}, {env['cpu_threads']} CPU threads: {env['cpu_threads_reason']}) | torch "
         f"{env['versions']['torch']}, timm {env['versions']['timm']}, transformers {env['versions']['transformers']}",
         f"Matmul peak: {env['matmul_peak_tflop_s']:.3g} TFLOP/s ({env['matmul_peak_kind']}); '% of peak' = "
         f"TFLOP/img x train img/s over it",
@@ -560,6 +565,19 @@ def header_lines(env: dict, args: argparse.Namespace) -> List[str]:
     lines.append("Peak GiB: " + ("torch.cuda.max_memory_allocated over the timed training steps" if env["device_type"] == "cuda"
                                  else "resident-set growth during the row's training (sampled; approximate)"))
     return lines
+
+
+def default_cpu_threads() -> Tuple[int, str]:
+    """2 threads, but 1 when the 1-minute load average shows other work on the cores; returns ``(n, why)``.
+
+    On 2 shared cores with other processes running, 2 intra-op threads stall at barriers: a CPU run
+    here took 440 s with erratic steps (0.5-19 s for the same step) against 97 s with 1 thread.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        load = os.getloadavg()[0]
+        if load >= 1.0:
+            return 1, f"load average {load:.2f} >= 1: other work on the cores, 2 threads would stall"
+    return 2, "default"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -587,8 +605,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 3 GPU, 1 CPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10 GPU, 3 CPU)")
     parser.add_argument("--infer-batch", type=int, default=None, help="inference batch size (default 16 GPU, 2 CPU)")
+    parser.add_argument("--skip-infer", action="store_true",
+                        help="no inference measurement (saves a second compile in --compile on rows)")
     parser.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 peak matmul (default 8192 GPU, 2048 CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 2 in CPU mode)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (CPU mode default: 2, or 1 while other work keeps the cores busy)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds; rows not started by then are listed as skipped")
     parser.add_argument("--out", type=Path, default=None,
@@ -601,7 +622,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                     steps=10, infer_batch=16, matmul_size=8192)
     if not gpu:
         defaults.update(size="small", sizes=[(224, 2)], precision=["fp32"], fused=["off"], hf_config="small",
-                        warmup=1, steps=3, infer_batch=2, matmul_size=2048, threads=2)
+                        warmup=1, steps=3, infer_batch=2, matmul_size=2048)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -616,6 +637,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the benchmark, print the table, write the JSON; returns what was written."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.threads_reason = "--threads" if args.threads else "torch default"
+    if args.cpu and args.threads is None:
+        args.threads, args.threads_reason = default_cpu_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu" if args.cpu else "cuda")
@@ -641,7 +665,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 row.note = str(err)
             except Exception as err:  # one failing row (OOM, unsupported combination) must not end the run
                 row.note = short_error(err)
-            release_memory(device)
+            release_memory(device, compiled=v.compile)
         rows.append(row)
         fill_ratios(rows)
         write_json(args.out, env, rows)

@@ -96,8 +96,12 @@ def test_train_kill_resume_predict_evaluate(workspace, tmp_path):
 
     # Predict the test images with the trained model: no YAML, no network, no training data needed.
     out = tmp_path / "predictions"
+    elsewhere = tmp_path / "empty"
+    elsewhere.mkdir()
+    predict_env = dict(env, nnUNet_raw=str(elsewhere), nnUNet_preprocessed=str(elsewhere))
     predicted = run(["nnUNetv2_predict_vit.py", "-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID),
-                     "-c", "2d", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], env)
+                     "-c", "2d", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"],
+                    predict_env)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     for label_file in sorted((dataset / "labelsTs").glob("*.png")):
         truth = np.asarray(Image.open(label_file))
@@ -107,7 +111,8 @@ def test_train_kill_resume_predict_evaluate(workspace, tmp_path):
 
     # Upstream's own nnUNetv2_predict works too once it can import this package and find the trainer.
     upstream_out = tmp_path / "upstream_predictions"
-    upstream_env = dict(env, PYTHONPATH=str(REPO), nnUNet_extTrainer=str(REPO / "nnunetv2" / "vit" / "ext_trainers"))
+    upstream_env = dict(predict_env, PYTHONPATH=str(REPO),
+                        nnUNet_extTrainer=str(REPO / "nnunetv2" / "vit" / "ext_trainers"))
     upstream = run([str(Path(sys.executable).parent / "nnUNetv2_predict"), "-i", str(dataset / "imagesTs"), "-o",
                     str(upstream_out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0", "-tr", "nnUNetTrainer_vit",
                     "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], upstream_env)

@@ -17,7 +17,7 @@ from nnunetv2.vit.config import ConfigError
 EXT_TRAINER_DIR = Path(__file__).resolve().parent / "ext_trainers"
 
 # Errors whose message already tells the user what to fix: shown as one line, exit code 2.
-USER_ERRORS = (ConfigError, BackboneWeightsError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, BackboneWeightsError, FileNotFoundError, FileExistsError, FloatingPointError)
 
 
 def register_trainer_discovery() -> None:
@@ -47,6 +47,5 @@ def run_main(prog: str, main: Callable[[], None]) -> None:
     try:
         main()
     except USER_ERRORS as err:
-        message = err.strerror + f": {err.filename}" if isinstance(err, OSError) and err.filename else str(err)
-        print(f"{prog}: error: {message}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(2)
