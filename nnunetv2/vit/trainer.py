@@ -129,12 +129,13 @@ class nnUNetTrainer_vit(nnUNetTrainer):
     def configure_optimizers(self):
         train = self.vit_config["train"]
         params = [p for p in self.network.parameters() if p.requires_grad]
+        fused = self.device.type == "cuda"  # one kernel for all parameters instead of one per tensor
         if train["optimizer"] == "adamw":
             optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay,
-                                          betas=(0.9, 0.98), fused=self.device.type == "cuda")
+                                          betas=(0.9, 0.98), fused=fused)
         else:
             optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True)
+                                        momentum=0.99, nesterov=True, fused=fused)
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train["warmup_epochs"])
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
