@@ -221,3 +221,31 @@ def test_ddp_two_processes_keep_weights_in_sync():
     # fork: the children reuse the imported modules (spawn re-imports torch, timm, transformers per process)
     mp.start_processes(_ddp_step, args=(2, port, results), nprocs=2, join=True, start_method="fork")
     assert results[0] == pytest.approx(results[1], rel=0, abs=1e-6)
+
+
+def test_train_section_is_honoured(nnunet_env, monkeypatch):
+    trainer = make_trainer(optimizer="sgd", initial_lr=0.02, weight_decay=1e-4, num_epochs=7, warmup_epochs=2,
+                           num_iterations_per_epoch=3, num_val_iterations_per_epoch=2, gradient_clip=0.5,
+                           save_every=4, gradient_checkpointing=True)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch,
+            trainer.save_every) == (7, 3, 2, 4)
+    assert not trainer.enable_deep_supervision and trainer.precision == "fp32" and trainer.grad_scaler is None
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
+    assert trainer.optimizer.param_groups[0]["weight_decay"] == 1e-4
+    assert trainer.model.vit.grad_checkpointing
+    lrs = []
+    for epoch in range(7):
+        trainer.lr_scheduler.step(epoch)
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+    assert lrs[:3] == pytest.approx([0.01, 0.02, 0.02])  # linear warm-up, then nnU-Net's poly decay
+    assert lrs[2] > lrs[3] > lrs[6] > 0
+
+    clip_values = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, *a, **k: clip_values.append(max_norm) or real_clip(params, max_norm))
+    trainer.train_step(batch(trainer))
+    assert clip_values == [0.5]
+
+    adamw = make_trainer(optimizer="adamw", initial_lr=3e-4)
+    assert isinstance(adamw.optimizer, torch.optim.AdamW) and adamw.optimizer.param_groups[0]["betas"] == (0.9, 0.98)
