@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import register_trainer_discovery, run_main
@@ -37,7 +36,9 @@ def check_model_and_inputs(argv: Sequence[str]) -> None:
     """Refuse a missing model, a checkpoint of another model, or images with the wrong channel count."""
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
-    from nnunetv2.vit.trainer import VIT_CONFIG_KEY, describe_model, same_model, stored_vit_config
+    from nnunetv2.vit.trainer import (
+        VIT_CONFIG_KEY, describe_model, read_training_checkpoint, same_model, stored_vit_config,
+    )
 
     args = _known_args(argv)
     if None in (args.i, args.d, args.c):
@@ -59,9 +60,9 @@ def check_model_and_inputs(argv: Sequence[str]) -> None:
             raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
                               f"(e.g. -f 0) or another checkpoint with -chk.")
         try:  # mmap: only the small metadata is read here, the weights are read once by the predictor
-            checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as err:
-            raise ConfigError(f"Cannot read checkpoint {checkpoint_file}: {err}. The file is corrupt or truncated.") from err
+            checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True)
+        except RuntimeError as err:
+            raise ConfigError(str(err)) from err
         stored = stored_vit_config(checkpoint, args.c)
         if stored is not None and not same_model(stored, config):
             raise ConfigError(f"{checkpoint_file} holds a different model ({describe_model(stored)}) than "

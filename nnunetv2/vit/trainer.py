@@ -209,6 +209,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             losses = np.concatenate([np.atleast_1d(x) for x in gathered])
         finite = np.asarray(losses)[np.isfinite(losses)]
         self.logger.log("train_losses", float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
+        if self.nonfinite_total:
+            self.print_to_log_file(f"skipped steps so far (non-finite loss or gradient, fp16 overflow): "
+                                   f"{self.nonfinite_total}")
 
     def save_checkpoint(self, filename: str) -> None:
         """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one."""
@@ -242,10 +245,13 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
 
-def read_training_checkpoint(path: str) -> dict:
-    """Load an nnU-Net checkpoint, with an error naming the file if it is corrupt or truncated."""
+def read_training_checkpoint(path: str, mmap: bool = False) -> dict:
+    """Load an nnU-Net checkpoint, with an error naming the file if it is corrupt or truncated.
+
+    ``mmap`` maps the tensors instead of reading them: cheap when only the metadata is needed.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise RuntimeError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
 
