@@ -27,6 +27,17 @@ def register_trainer_discovery() -> None:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
 
 
+def dataset_name(dataset_name_or_id: str) -> str:
+    """Upstream's dataset id/name lookup, with its failure as a user error."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    try:
+        return maybe_convert_to_dataset_name(
+            dataset_name_or_id if dataset_name_or_id.startswith("Dataset") else int(dataset_name_or_id))
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"Dataset '{dataset_name_or_id}' not found: {err}") from err
+
+
 def get_device(name: str) -> torch.device:
     """Upstream's -device handling: thread settings as nnUNetv2_train/predict make them."""
     if name not in ("cpu", "cuda", "mps"):

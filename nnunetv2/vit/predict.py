@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2.vit.cli import register_trainer_discovery, run_main
+from nnunetv2.vit.cli import dataset_name, register_trainer_discovery, run_main
 from nnunetv2.vit.config import ConfigError
 
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
@@ -37,20 +37,17 @@ def check_model_and_inputs(argv: Sequence[str]) -> None:
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
     from nnunetv2.vit.trainer import (
-        VIT_CONFIG_KEY, describe_model, read_training_checkpoint, same_model, stored_vit_config,
+        describe_model, read_training_checkpoint, same_model, stored_vit_config, vit_config_in_plans,
     )
 
     args = _known_args(argv)
     if None in (args.i, args.d, args.c):
         return  # upstream's parser reports the missing required flags
-    try:
-        model_folder = Path(get_output_folder(args.d, args.tr, args.p, args.c))
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"Dataset '{args.d}' not found: {err}") from err
+    model_folder = Path(get_output_folder(dataset_name(args.d), args.tr, args.p, args.c))
     if not (model_folder / "plans.json").is_file():
         raise ConfigError(f"No trained model in {model_folder} (check -d, -tr, -p and -c).")
     plans = load_json(str(model_folder / "plans.json"))
-    config = plans["configurations"].get(args.c, {}).get(VIT_CONFIG_KEY)
+    config = vit_config_in_plans(plans, args.c)
     if config is None:
         raise ConfigError(f"{model_folder / 'plans.json'} holds no ViT model config for configuration '{args.c}'.")
 

@@ -19,10 +19,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2.vit.cli import get_device, register_trainer_discovery, run_main
+from nnunetv2.vit.cli import dataset_name, get_device, register_trainer_discovery, run_main
 from nnunetv2.vit.config import ConfigError, load_config
 from nnunetv2.vit.trainer import (
-    VIT_CONFIG_KEY, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, stored_vit_config,
+    VIT_CONFIG_KEY, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, vit_config_in_plans,
 )
 
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -56,20 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: str) -> tuple[str, dict, dict]:
     """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run."""
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if not nnUNet_preprocessed.is_set():
         raise ConfigError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
-    try:
-        dataset_name = maybe_convert_to_dataset_name(
-            dataset_name_or_id if dataset_name_or_id.startswith("Dataset") else int(dataset_name_or_id))
-    except (RuntimeError, ValueError) as err:
-        raise ConfigError(f"Dataset '{dataset_name_or_id}' not found: {err}") from err
-    folder = Path(nnUNet_preprocessed.get()) / dataset_name
+    name = dataset_name(dataset_name_or_id)
+    folder = Path(nnUNet_preprocessed.get()) / name
     plans_file = folder / f"{plans_identifier}.json"
     if not plans_file.is_file():
         raise ConfigError(
-            f"{plans_file} does not exist: dataset {dataset_name} is not preprocessed with plans '{plans_identifier}'. "
+            f"{plans_file} does not exist: dataset {name} is not preprocessed with plans '{plans_identifier}'. "
             f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c 2d` first."
         )
     plans = load_json(str(plans_file))
@@ -80,17 +75,19 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
     if patch_size is not None and len(patch_size) != 2:
         raise ConfigError(f"ViT models are 2D, but configuration '{configuration}' is {len(patch_size)}D. Use '2d'.")
     if not (folder / plans["configurations"][configuration].get("data_identifier", "")).is_dir():
-        raise ConfigError(f"Configuration '{configuration}' of {dataset_name} is planned but not preprocessed. "
+        raise ConfigError(f"Configuration '{configuration}' of {name} is planned but not preprocessed. "
                           f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}` first.")
-    return dataset_name, plans, load_json(str(folder / "dataset.json"))
+    return name, plans, load_json(str(folder / "dataset.json"))
 
 
-def results_folder(dataset_name: str, trainer: str, plans_identifier: str, configuration: str, fold: str) -> Path:
+def results_folder(dataset: str, trainer: str, plans_identifier: str, configuration: str, fold: str) -> Path:
+    """Upstream's fold folder for these settings."""
     from nnunetv2.paths import nnUNet_results
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     if not nnUNet_results.is_set():
         raise ConfigError("nnUNet_results is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
-    return Path(nnUNet_results.get()) / dataset_name / f"{trainer}__{plans_identifier}__{configuration}" / f"fold_{fold}"
+    return Path(get_output_folder(dataset, trainer, plans_identifier, configuration, fold))
 
 
 def first_readable_checkpoint(fold_folder: Path, names: Sequence[str]) -> Optional[Tuple[Path, dict]]:
@@ -110,7 +107,7 @@ def stored_config(fold_folder: Path, configuration: str) -> Optional[dict]:
     plans_file = fold_folder.parent / "plans.json"
     if not plans_file.is_file():
         return None
-    return load_json(str(plans_file))["configurations"].get(configuration, {}).get(VIT_CONFIG_KEY)
+    return vit_config_in_plans(load_json(str(plans_file)), configuration)
 
 
 def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: Optional[dict],
@@ -186,8 +183,8 @@ def run(args: argparse.Namespace) -> None:
     if args.num_gpus > 1 and device.type != "cuda":
         raise ConfigError("-num_gpus > 1 trains with DDP over NCCL and needs CUDA GPUs (-device cuda).")
 
-    dataset_name, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
-    fold_folder = results_folder(dataset_name, args.tr, args.p, args.configuration, args.fold)
+    dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
+    fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
     stored = stored_config(fold_folder, args.configuration)
     config = resolve_config(args, requested, stored, fold_folder)
 

@@ -256,10 +256,14 @@ def read_training_checkpoint(path: str, mmap: bool = False) -> dict:
         raise RuntimeError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
 
 
+def vit_config_in_plans(plans: dict, configuration: str) -> Optional[dict]:
+    """The ViT config stored in a plans dict (results plans.json, checkpoint init args), if any."""
+    return plans.get("configurations", {}).get(configuration, {}).get(VIT_CONFIG_KEY)
+
+
 def stored_vit_config(checkpoint: dict, configuration: str) -> Optional[dict]:
     """The ViT config recorded in a checkpoint's trainer init args, if any."""
-    plans = checkpoint.get("init_args", {}).get("plans", {})
-    return plans.get("configurations", {}).get(configuration, {}).get(VIT_CONFIG_KEY)
+    return vit_config_in_plans(checkpoint.get("init_args", {}).get("plans", {}), configuration)
 
 
 def same_model(a: dict, b: dict) -> bool:
