@@ -47,6 +47,8 @@ BAD_CONFIGS = {
     "negative lr": (with_change("train", "initial_lr", -0.1), "'train.initial_lr' must be positive"),
     "zero epochs": (with_change("train", "num_epochs", 0), "'train.num_epochs' must be positive"),
     "float epochs": (with_change("train", "num_epochs", 10.5), "'train.num_epochs' must be int"),
+    "warm-up as long as training": ({**GOOD, "train": {"num_epochs": 5, "warmup_epochs": 5}},
+                                    "'train.warmup_epochs' (5) must be smaller than 'train.num_epochs' (5)"),
     "negative weight decay": (with_change("train", "weight_decay", -1e-5), "must not be negative"),
     "unknown optimizer": (with_change("train", "optimizer", "adam"), "must be one of sgd, adamw"),
     "unknown precision": (with_change("train", "precision", "fp8"), "must be one of auto, fp32, fp16, bf16"),

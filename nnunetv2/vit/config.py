@@ -182,6 +182,10 @@ def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any
         raise ConfigError(f"{source}: 'model.model_path' is required (e.g. nnunetv2.model.model_dpt).")
     sections = {name: _check_section(name, raw.get(name), source) for name in SECTIONS}
     _check_model(sections["model"], source)
+    train = sections["train"]
+    if train.warmup_epochs >= train.num_epochs:
+        raise ConfigError(f"{source}: 'train.warmup_epochs' ({train.warmup_epochs}) must be smaller than "
+                          f"'train.num_epochs' ({train.num_epochs}): the learning rate decays after the warm-up.")
     return {name: dataclasses.asdict(section) for name, section in sections.items()}
 
 
