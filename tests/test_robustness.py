@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from batchgenerators.utilities.file_and_folder_operations import save_json
 from PIL import Image
 
-from conftest import DATASET_ID
+from conftest import DATASET_ID, REPO
 from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import ConfigError, validate_config
@@ -36,9 +40,9 @@ def nnunet_env(workspace, tmp_path, monkeypatch):
     return root, dataset, tmp_path / "results"
 
 
-def make_trainer(model: dict = TINY_MODEL, **train) -> nnUNetTrainer_vit:
+def make_trainer(model: dict = TINY_MODEL, lora: Optional[dict] = None, **train) -> nnUNetTrainer_vit:
     _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
-    plans["configurations"]["2d"]["vit_config"] = validate_config({"model": model, "train": train})
+    plans["configurations"]["2d"]["vit_config"] = validate_config({"model": model, "lora": lora or {}, "train": train})
     plans["continue_training"] = False
     trainer = nnUNetTrainer_vit(plans, "2d", 0, dataset_json, torch.device("cpu"))
     trainer.initialize()
@@ -76,6 +80,20 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
 
     trainer.on_train_epoch_end([{"loss": np.array(1.0)}, {"loss": np.array(np.nan)}, {"loss": np.array(3.0)}])
     assert trainer.logger.get_value("train_losses", step=-1) == 2.0
+
+
+def test_fp16_overflow_skips_the_update_and_is_counted(nnunet_env):
+    trainer = make_trainer(precision="fp16", optimizer="adamw")  # explicit precision holds on any device
+    assert trainer.precision == "fp16" and trainer.grad_scaler is not None
+    trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # scaled gradients overflow fp16
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    assert np.isfinite(trainer.train_step(batch(trainer))["loss"])
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)
+               and "running" not in k and "num_batches" not in k]
+    assert not changed, f"an overflowed step changed {changed[:5]}"
+    assert trainer.fp16_overflows == 1 and trainer.grad_scaler.get_scale() == 2.0 ** 59
+    assert "fp16 gradient overflow: step skipped" in open(trainer.log_file).read()
 
 
 def test_killed_checkpoint_write_keeps_the_previous_checkpoint(nnunet_env, monkeypatch):
@@ -249,3 +267,56 @@ def test_train_section_is_honoured(nnunet_env, monkeypatch):
 
     adamw = make_trainer(optimizer="adamw", initial_lr=3e-4)
     assert isinstance(adamw.optimizer, torch.optim.AdamW) and adamw.optimizer.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+NAN_ON_RANK_1 = '''
+from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+
+class nnUNetTrainer_vit_nanrank1(nnUNetTrainer_vit):
+    """DDP process 1 gets a NaN loss in its first step; process 0's loss stays finite."""
+
+    def train_step(self, batch):
+        if self.local_rank != 1 or getattr(self, "poisoned", False):
+            return super().train_step(batch)
+        self.poisoned = True
+        loss = self.loss
+        self.loss = lambda output, target: loss(output, target) * float("nan")
+        try:
+            return super().train_step(batch)
+        finally:
+            self.loss = loss
+'''
+
+
+def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(nnunet_env, tmp_path):
+    """Two CPU processes (gloo) train an epoch through the real command, one of them hitting a NaN loss:
+    both skip that step together (else the gradient all-reduce waits forever), and rank 0 writes the
+    same checkpoint format as a single process."""
+    (tmp_path / "trainers").mkdir()
+    (tmp_path / "trainers" / "nnUNetTrainer_vit_nanrank1.py").write_text(NAN_ON_RANK_1)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "lora": {"enabled": True, "r": 4}, "train": {
+        "num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}}))
+    env = dict(os.environ, nnUNet_extTrainer=str(tmp_path / "trainers"), PYTHONPATH=str(REPO),
+               HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config),
+         "-num_gpus", "2", "-device", "cpu", "-tr", "nnUNetTrainer_vit_nanrank1"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+    fold = tmp_path / "results" / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit_nanrank1__nnUNetPlans__2d" / "fold_0"
+    log = "".join(path.read_text() for path in fold.glob("training_log_*.txt"))
+    assert "Skipped training step: loss is not finite on another DDP process (1 in a row" in log
+    assert (fold / "validation" / "summary.json").is_file()
+    assert not list(fold.glob("*.partial"))
+
+    ddp_checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    trainer = make_trainer(lora={"enabled": True, "r": 4})
+    reference = trainer.model.state_dict()
+    assert ddp_checkpoint.keys() >= {"network_weights", "optimizer_state", "init_args", "current_epoch", "logging"}
+    assert ddp_checkpoint["network_weights"].keys() == reference.keys()  # no "module." prefix from DDP
+    assert all(ddp_checkpoint["network_weights"][k].shape == v.shape for k, v in reference.items())
+    assert ddp_checkpoint["current_epoch"] == 1
+    assert np.isfinite(ddp_checkpoint["logging"]["train_losses"]).all()

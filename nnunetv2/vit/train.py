@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", default="nnUNetPlans", help="Plans identifier (default: nnUNetPlans)")
     parser.add_argument("-pretrained_weights", default=None,
                         help="nnU-Net checkpoint whose network weights initialise the model")
-    parser.add_argument("-num_gpus", type=int, default=1, help="Number of GPUs for DDP training")
+    parser.add_argument("-num_gpus", type=int, default=1,
+                        help="Number of DDP processes: GPUs (NCCL), or with -device cpu CPU processes (gloo)")
     parser.add_argument("--npz", action="store_true", help="Save softmax predictions of the final validation")
     parser.add_argument("--c", action="store_true", help="Continue training from the latest checkpoint")
     parser.add_argument("--val", action="store_true", help="Only run the validation (training must be finished)")
@@ -158,10 +159,17 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
 
 def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dict, dataset_json: dict,
                 resume: Optional[str]) -> None:
-    dist.init_process_group("nccl", rank=rank, world_size=world_size)
-    torch.cuda.set_device(rank)
+    """One DDP process: NCCL on its own GPU, or gloo on the CPU (testing, machines without GPUs)."""
+    if args.device == "cuda":
+        dist.init_process_group("nccl", rank=rank, world_size=world_size)
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        device = torch.device("cpu")
     try:
-        train_one_process(args, plans, dataset_json, torch.device("cuda", rank), resume)
+        train_one_process(args, plans, dataset_json, device, resume)
     finally:
         dist.destroy_process_group()
 
@@ -180,8 +188,11 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"fold must be an integer or 'all', got '{args.fold}'.")
     requested = load_config(args.config) if args.config else None
     device = get_device(args.device)
-    if args.num_gpus > 1 and device.type != "cuda":
-        raise ConfigError("-num_gpus > 1 trains with DDP over NCCL and needs CUDA GPUs (-device cuda).")
+    if args.num_gpus > 1 and device.type == "mps":
+        raise ConfigError("-num_gpus > 1 (DDP) runs on CUDA GPUs (NCCL) or on the CPU (gloo), not on mps.")
+    if args.num_gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < args.num_gpus:
+        raise ConfigError(f"-num_gpus {args.num_gpus} asks for more GPUs than the {torch.cuda.device_count()} "
+                          f"visible (CUDA_VISIBLE_DEVICES).")
 
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)

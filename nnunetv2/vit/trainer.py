@@ -17,11 +17,13 @@ from torch._dynamo import OptimizedModule
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2.vit.config import ConfigError, build_model
 
@@ -75,23 +77,24 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.num_val_iterations_per_epoch = train["num_val_iterations_per_epoch"]
         self.save_every = train["save_every"]
         self.enable_deep_supervision = False
+        if self.is_ddp and device.type != "cuda":
+            self.device = device  # upstream moves every DDP rank to a GPU; gloo on CPU keeps the CPU
         self.precision = self._resolve_precision(train["precision"])
-        if self.precision != "fp16":
-            self.grad_scaler = None  # bf16 and fp32 need no loss scaling
+        # Loss scaling is needed for fp16 only; upstream makes a scaler for any CUDA device and none elsewhere.
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         # Set to False (resume, --val) to build the architecture only: the weights come from a checkpoint.
         self.load_pretrained_backbone = True
-        # Upstream's initialize() builds the network through this hook; for training it must also
-        # load the pretrained backbone and apply the memory settings (the static one is for prediction).
-        self.build_network_architecture = self._build_training_network
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        self.fp16_overflows = 0
 
     def _resolve_precision(self, precision: str) -> str:
+        """``auto``: bf16 on GPUs that have it, else fp16; fp32 elsewhere (as upstream). Explicit values are kept."""
+        if precision != "auto":
+            return precision
         if self.device.type != "cuda":
-            return "fp32"  # autocast on CPU is slow, on MPS unsupported (as upstream)
-        if precision == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return precision
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -106,13 +109,35 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return build_model(vit_config_of(configuration_manager), num_input_channels, num_output_channels,
                            load_weights=False)
 
-    def _build_training_network(self, plans_manager, configuration_manager, num_input_channels: int,
-                                num_output_channels: int, enable_deep_supervision: bool = True) -> torch.nn.Module:
-        network = build_model(self.vit_config, num_input_channels, num_output_channels,
+    def _build_training_network(self) -> torch.nn.Module:
+        """The network with the pretrained backbone (unless resuming) and the memory settings applied."""
+        network = build_model(self.vit_config, self.num_input_channels, self.label_manager.num_segmentation_heads,
                               load_weights=self.load_pretrained_backbone)
         if self.vit_config["train"]["gradient_checkpointing"]:
             network.set_grad_checkpointing(True)
         return network
+
+    def initialize(self) -> None:
+        """Upstream's steps, except two: the network is built for training (the static builder is for the
+        predictor), and DDP wraps without SyncBatchNorm and ``device_ids`` off CUDA, so gloo on CPU works."""
+        if self.was_initialized:
+            raise RuntimeError("The trainer is already initialized.")
+        self._set_batch_size_and_oversample()
+        self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
+                                                               self.dataset_json)
+        self.network = self._build_training_network().to(self.device)
+        if self._do_i_compile():
+            self.print_to_log_file("Using torch.compile...")
+            self.network = torch.compile(self.network)
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if self.is_ddp and self.device.type == "cuda":
+            self.network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
+                               device_ids=[self.local_rank])
+        elif self.is_ddp:
+            self.network = DDP(self.network)  # SyncBatchNorm is CUDA-only: BatchNorm statistics stay per process
+        self.loss = self._build_loss()
+        self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        self.was_initialized = True
 
     @property
     def model(self) -> torch.nn.Module:
@@ -145,6 +170,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         super().on_train_start()
         self.print_to_log_file(f"ViT config: {self.vit_config}", also_print_to_console=False)
         self.print_to_log_file(f"precision: {self.precision}\n{self.model.parameter_summary(detailed=True)}")
+        if self.precision == "fp16" and self.device.type == "cpu":
+            self.print_to_log_file("WARNING: fp16 on CPU is very slow (PyTorch's CPU fp16 convolution backward is "
+                                   "not optimised); use train.precision bf16 or fp32 there.")
 
     def train_step(self, batch: dict) -> dict:
         """Upstream's step with the configured precision and clip value; non-finite losses are skipped."""
@@ -156,10 +184,12 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         with self._autocast():
             loss = self.loss(self.network(data), target)
 
-        if not torch.isfinite(loss):
+        if not self._finite_on_all_ranks(loss):
             for buffer, saved in zip(running_stats, saved_stats):  # a NaN batch must not poison BatchNorm
                 buffer.copy_(saved)
-            return self._skip_nonfinite_step(f"loss is {loss.item()}")
+            here = loss.item()
+            return self._skip_nonfinite_step(f"loss is {here}" if not np.isfinite(here)
+                                             else "loss is not finite on another DDP process")
         clip = self.vit_config["train"]["gradient_clip"]
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -169,7 +199,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.grad_scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
             self.grad_scaler.update()
             if self.grad_scaler.get_scale() < scale:
-                self.nonfinite_total += 1
+                self.fp16_overflows += 1
                 self.print_to_log_file(f"fp16 gradient overflow: step skipped, loss scale now {self.grad_scaler.get_scale()}")
         else:
             loss.backward()
@@ -180,6 +210,14 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.optimizer.step()
         self.nonfinite_streak = 0
         return {"loss": loss.detach().cpu().numpy()}
+
+    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite in every DDP process: all skip a step together, or the
+        gradient all-reduce of the others would wait forever for the one that skipped."""
+        finite = torch.isfinite(loss.detach()).to(torch.int32)
+        if self.is_ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite)
 
     def _running_stats(self) -> List[torch.Tensor]:
         """BatchNorm running statistics: the only state a forward pass changes."""
@@ -209,12 +247,15 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             losses = np.concatenate([np.atleast_1d(x) for x in gathered])
         finite = np.asarray(losses)[np.isfinite(losses)]
         self.logger.log("train_losses", float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
-        if self.nonfinite_total:
-            self.print_to_log_file(f"skipped steps so far (non-finite loss or gradient, fp16 overflow): "
-                                   f"{self.nonfinite_total}")
+        if self.nonfinite_total or self.fp16_overflows:
+            scale = f" (loss scale now {self.grad_scaler.get_scale()})" if self.grad_scaler is not None else ""
+            self.print_to_log_file(f"skipped steps so far: {self.nonfinite_total} with a non-finite loss or gradient, "
+                                   f"{self.fp16_overflows} fp16 gradient overflows{scale}")
 
     def save_checkpoint(self, filename: str) -> None:
         """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one."""
+        if self.local_rank != 0:
+            return  # only rank 0 writes (as upstream); another rank must not move its half-written file
         partial = f"{filename}.partial"
         super().save_checkpoint(partial)
         if os.path.isfile(partial):
