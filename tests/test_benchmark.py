@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
+import torch
 
-from benchmarks import benchmark
+from benchmarks import benchmark, fp16_overflow
 
 
 def test_cpu_benchmark_rows_and_json(tmp_path, capsys):
@@ -32,3 +34,37 @@ def test_unet_plan_has_4x4_bottleneck():
     n_stages, features, strides = benchmark.unet_plan(512)
     assert n_stages == 8 and features == [32, 64, 128, 256, 512, 512, 512, 512] and strides == [1] + [2] * 7
     assert benchmark.unet_plan(1024)[0] == 9
+
+
+@pytest.mark.parametrize("conv", [torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.ConvTranspose2d(8, 6, 2, stride=2)],
+                         ids=["conv", "conv_transpose"])
+def test_cudnn_like_fp16_convolutions_match_native_cpu_fp16(conv):
+    """The CPU stand-in used by fp16_overflow.py gives fp16 results like PyTorch's own fp16 kernels."""
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+
+    def forward_backward(mode):
+        x.grad, conv.weight.grad = None, None
+        with mode, torch.autocast("cpu", dtype=torch.float16):
+            out = conv(x)
+        out.float().square().sum().backward()
+        return out, x.grad, conv.weight.grad
+
+    native = forward_backward(contextlib.nullcontext())
+    emulated = forward_backward(fp16_overflow.CudnnLikeFp16Convolutions())
+    assert emulated[0].dtype == native[0].dtype == torch.float16
+    for reference, value in zip(native, emulated):
+        torch.testing.assert_close(value.float(), reference.float(), rtol=1e-2, atol=1e-2)
+    with fp16_overflow.CudnnLikeFp16Convolutions(), torch.autocast("cpu", dtype=torch.float16):
+        assert not torch.isfinite(conv(torch.full((1, 8, 4, 4), 1e5))).all()  # beyond fp16's range, as on a GPU
+
+
+def test_fp16_overflow_counts_the_trainers_log_lines():
+    log = ("2026-11-26 08:00:00: Epoch 0 \n"
+           "2026-11-26 08:00:01: fp16 gradient overflow: step skipped, loss scale now 32768.0 \n"
+           "2026-11-26 08:00:02: fp16 gradient overflow: step skipped, loss scale now 16384.0 \n"
+           "2026-11-26 08:00:03: Epoch 1 \n"
+           "2026-11-26 08:00:04: Skipped training step: loss is nan (1 in a row, limit 25) \n")
+    counts = fp16_overflow.count_skips(log)
+    assert counts["fp16_overflows"] == 2 and counts["nonfinite_loss_skips"] == 1
+    assert counts["per_epoch"][1] == {"fp16_overflows": 0, "nonfinite_loss_skips": 1}
+    assert counts["loss_scale_after_each_overflow"] == [32768.0, 16384.0]
