@@ -109,6 +109,7 @@ def test_create_backbone_returns_module_patch_and_timm_name(name, patch):
     assert isinstance(model, torch.nn.Module)
     assert len(model.blocks) == 12 and model.embed_dim == 384
     assert model.patch_embed.proj.weight.shape[-2:] == (patch, patch)
+    assert all(block.attn.fused_attn for block in model.blocks)  # F.scaled_dot_product_attention kernels
 
 
 def test_unknown_backbone_lists_valid_options():

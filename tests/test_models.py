@@ -439,3 +439,46 @@ def test_bf16_autocast_matches_fp32(case):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = model(x).float()
     assert ((mixed - reference).norm() / reference.norm()).item() < 1e-2
+
+
+# ------------------------------------------------------------------------------ torch.compile
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles new model instances of shared classes: start below dynamo's recompile limit."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiles_to_one_graph_with_lora(variant, fresh_dynamo):
+    """No graph breaks (timm ViT, peft LoRA, HF / nnU-Net decoder blocks, padding and crop): compile
+    sees each training forward whole. Backend "eager" traces with dynamo without generating code."""
+    model = build(variant, "dinov3", use_lora=True)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # raises on a graph break
+    x = torch.randn(2, 3, 70, 50)
+    assert compiled(x).shape == (2, NUM_CLASSES, 70, 50)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_compiled_forward_and_backward_match_eager(fresh_dynamo):
+    """AOT autograd (what inductor builds on) gives the eager model's outputs and gradients."""
+    model = build("dpt", "dinov3", use_lora=True, lora_dropout=0.0).eval()  # eval: no dropout to compare
+    x = torch.randn(2, 3, 64, 48)
+
+    def outputs_and_grads(module):
+        model.zero_grad(set_to_none=True)
+        out = module(x)
+        out.pow(2).mean().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    eager_out, eager_grads = outputs_and_grads(model)
+    compiled_out, compiled_grads = outputs_and_grads(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-4, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
