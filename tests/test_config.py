@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nnunetv2.vit.config import CONFIG_DIR, ConfigError, build_model, load_config, model_kwargs, validate_config
+from nnunetv2.vit.config import CONFIG_DIR, build_model, load_config, model_kwargs, validate_config
+from nnunetv2.vit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

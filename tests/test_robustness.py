@@ -19,9 +19,11 @@ from batchgenerators.utilities.file_and_folder_operations import save_json
 from PIL import Image
 
 from conftest import DATASET_ID, REPO
+from nnunetv2.vit import cli
 from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
-from nnunetv2.vit.config import ConfigError, validate_config
+from nnunetv2.vit.config import validate_config
+from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
@@ -112,6 +114,29 @@ def test_killed_checkpoint_write_keeps_the_previous_checkpoint(nnunet_env, monke
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint(target)
     monkeypatch.undo()
+    assert torch.load(target, weights_only=False)["current_epoch"] == 5
+
+
+def test_full_disk_during_checkpoint_write_is_one_clear_error(nnunet_env, monkeypatch, capsys):
+    trainer = make_trainer()
+    target = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
+    trainer.current_epoch = 4
+    trainer.save_checkpoint(target)
+
+    def full_disk_save(obj, filename, *args, **kwargs):
+        with open(filename, "wb") as f:
+            f.write(b"half a checkp")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    trainer.current_epoch = 9
+    code, err = run_cli(lambda argv: cli.run_main("nnUNetv2_train_vit.py", lambda: trainer.save_checkpoint(target)),
+                        [], capsys)
+    monkeypatch.undo()
+    assert code == 2
+    assert f"error: Cannot write checkpoint {target}: [Errno 28] No space left on device" in err
+    assert "previous checkpoint is intact" in err and "--c" in err and err.count("\n") == 1
+    assert not os.path.exists(f"{target}.partial")  # no half-written file left to fill the disk
     assert torch.load(target, weights_only=False)["current_epoch"] == 5
 
 

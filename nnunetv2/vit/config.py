@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
+from nnunetv2.vit.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 # The keywords every model factory takes (the model contract); all its other keywords are decoder options.
@@ -25,10 +27,6 @@ FACTORY_KEYWORDS = (
     "backbone_name", "backbone_size", "num_classes", "checkpoint_path", "freeze_backbone", "use_lora", "lora_rank",
     "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels",
 )
-
-
-class ConfigError(ValueError):
-    """A config problem, phrased for the user: where it is, what is wrong, how to fix it."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import dataset_name, register_trainer_discovery, run_main
-from nnunetv2.vit.config import ConfigError
+from nnunetv2.vit.errors import ConfigError
 
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
 

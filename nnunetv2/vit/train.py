@@ -20,7 +20,8 @@ import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import dataset_name, get_device, register_trainer_discovery, run_main
-from nnunetv2.vit.config import ConfigError, load_config
+from nnunetv2.vit.config import load_config
+from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.trainer import (
     VIT_CONFIG_KEY, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, vit_config_in_plans,
 )

@@ -25,7 +25,8 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from nnunetv2.vit.config import ConfigError, build_model
+from nnunetv2.vit.config import build_model
+from nnunetv2.vit.errors import CheckpointWriteError, ConfigError
 
 VIT_CONFIG_KEY = "vit_config"
 
@@ -257,9 +258,16 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         if self.local_rank != 0:
             return  # only rank 0 writes (as upstream); another rank must not move its half-written file
         partial = f"{filename}.partial"
-        super().save_checkpoint(partial)
-        if os.path.isfile(partial):
-            os.replace(partial, filename)
+        try:
+            super().save_checkpoint(partial)
+            if os.path.isfile(partial):
+                os.replace(partial, filename)
+        except OSError as err:  # a full disk, a quota, a vanished network share
+            if os.path.exists(partial):
+                os.remove(partial)
+            raise CheckpointWriteError(
+                f"Cannot write checkpoint {filename}: {err}. The previous checkpoint is intact; free disk space "
+                f"(or fix the folder), then resume with --c.") from err
 
     def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
         """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own

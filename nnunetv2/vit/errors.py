@@ -1,0 +1,9 @@
+"""Errors whose message tells the user what to fix; the commands show them as one line, exit code 2."""
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: where it is, what is wrong, how to fix it."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, quota, ...); the one before it is untouched."""
