@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -82,6 +83,23 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
 
     trainer.on_train_epoch_end([{"loss": np.array(1.0)}, {"loss": np.array(np.nan)}, {"loss": np.array(3.0)}])
     assert trainer.logger.get_value("train_losses", step=-1) == 2.0
+
+
+@pytest.mark.parametrize("device,bf16_gpu,requested,expected", [
+    ("cpu", False, "auto", "fp32"), ("cpu", False, "fp16", "fp16"), ("cpu", False, "bf16", "bf16"),
+    ("cuda", True, "auto", "bf16"), ("cuda", False, "auto", "fp16"), ("cuda", True, "fp32", "fp32"),
+    ("cuda", False, "bf16", "needs a GPU with bf16 support"),
+])
+def test_precision_choice(monkeypatch, device, bf16_gpu, requested, expected):
+    """auto: bf16 where the GPU has it natively (pre-Ampere GPUs only emulate it, slowly), else fp16."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_gpu or including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    trainer = SimpleNamespace(device=torch.device(device))
+    if expected.startswith("needs"):
+        with pytest.raises(ConfigError, match="Tesla V100 has none. Use precision auto or fp16"):
+            nnUNetTrainer_vit._resolve_precision(trainer, requested)
+    else:
+        assert nnUNetTrainer_vit._resolve_precision(trainer, requested) == expected
 
 
 def test_fp16_overflow_skips_the_update_and_is_counted(nnunet_env):

@@ -91,11 +91,13 @@ class nnUNetTrainer_vit(nnUNetTrainer):
 
     def _resolve_precision(self, precision: str) -> str:
         """``auto``: bf16 on GPUs that have it, else fp16; fp32 elsewhere (as upstream). Explicit values are kept."""
-        if precision != "auto":
-            return precision
-        if self.device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        bf16_gpu = self.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        if precision == "auto":
+            return "fp32" if self.device.type != "cuda" else "bf16" if bf16_gpu else "fp16"
+        if precision == "bf16" and self.device.type == "cuda" and not bf16_gpu:
+            raise ConfigError(f"train.precision: bf16 needs a GPU with bf16 support (Ampere or newer); "
+                              f"{torch.cuda.get_device_name(self.device)} has none. Use precision auto or fp16.")
+        return precision
 
     def _autocast(self):
         if self.precision == "fp32":
