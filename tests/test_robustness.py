@@ -352,6 +352,7 @@ def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(
     fold = tmp_path / "results" / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit_nanrank1__nnUNetPlans__2d" / "fold_0"
     log = "".join(path.read_text() for path in fold.glob("training_log_*.txt"))
     assert "Skipped training step: loss is not finite on another DDP process (1 in a row" in log
+    assert "precision: fp32, torch.compile: off" in log
     assert (fold / "validation" / "summary.json").is_file()
     assert not list(fold.glob("*.partial"))
 

@@ -172,7 +172,11 @@ class nnUNetTrainer_vit(nnUNetTrainer):
     def on_train_start(self) -> None:
         super().on_train_start()
         self.print_to_log_file(f"ViT config: {self.vit_config}", also_print_to_console=False)
-        self.print_to_log_file(f"precision: {self.precision}\n{self.model.parameter_summary(detailed=True)}")
+        compiled = "on" if self._do_i_compile() else "off"
+        if compiled == "off" and self.vit_config["train"]["compile"] == "true":
+            compiled += f" (train.compile: true applies to CUDA only, as in nnU-Net; this is {self.device.type})"
+        self.print_to_log_file(f"precision: {self.precision}, torch.compile: {compiled}\n"
+                               f"{self.model.parameter_summary(detailed=True)}")
         if self.precision == "fp16" and self.device.type == "cpu":
             self.print_to_log_file("WARNING: fp16 on CPU is very slow (PyTorch's CPU fp16 convolution backward is "
                                    "not optimised); use train.precision bf16 or fp32 there.")
