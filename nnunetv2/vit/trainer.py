@@ -137,7 +137,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
                                device_ids=[self.local_rank])
         elif self.is_ddp:
-            self.network = DDP(self.network)  # SyncBatchNorm is CUDA-only: BatchNorm statistics stay per process
+            self.network = DDP(self.network)  # SyncBatchNorm is CUDA-only: BatchNorm uses per-process batches
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
