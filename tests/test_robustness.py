@@ -25,7 +25,7 @@ from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import validate_config
 from nnunetv2.vit.errors import ConfigError
-from nnunetv2.vit.trainer import nnUNetTrainer_vit
+from nnunetv2.vit.trainer import add_vit_config, nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def nnunet_env(workspace, tmp_path, monkeypatch):
 
 def make_trainer(model: dict = TINY_MODEL, lora: Optional[dict] = None, **train) -> nnUNetTrainer_vit:
     _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
-    plans["configurations"]["2d"]["vit_config"] = validate_config({"model": model, "lora": lora or {}, "train": train})
+    add_vit_config(plans, "2d", validate_config({"model": model, "lora": lora or {}, "train": train}))
     plans["continue_training"] = False
     trainer = nnUNetTrainer_vit(plans, "2d", 0, dataset_json, torch.device("cpu"))
     trainer.initialize()
@@ -54,8 +54,8 @@ def make_trainer(model: dict = TINY_MODEL, lora: Optional[dict] = None, **train)
 
 def batch(trainer: nnUNetTrainer_vit, value: float = 0.0) -> dict:
     size = trainer.configuration_manager.patch_size
-    data = torch.full((2, trainer.num_input_channels, *size), value)
-    return {"data": data, "target": torch.randint(0, 3, (2, 1, *size)).float()}
+    data = torch.full((trainer.batch_size, trainer.num_input_channels, *size), value)
+    return {"data": data, "target": torch.randint(0, 3, (trainer.batch_size, 1, *size)).float()}
 
 
 def run_cli(main, argv, capsys) -> tuple[int, str]:
@@ -237,6 +237,16 @@ def test_dataset_errors_write_nothing(nnunet_env, tmp_path, capsys):
     assert code == 2 and "--config is required" in err
     assert len(err.strip().splitlines()) == 1
     assert not results.exists() or not any(results.rglob("*.pth"))
+
+
+def test_upernet_batch_of_one_is_refused_before_training(nnunet_env):
+    upernet = {**TINY_MODEL, "model_path": "nnunetv2.model.model_upernet", "decoder": {"hidden_size": 16}}
+    with pytest.raises(ConfigError, match="needs training batches of at least 2 .* gets 1 per step. Raise train.batch_size"):
+        make_trainer(upernet, batch_size=1)
+    without_global_pool = {**upernet, "decoder": {"hidden_size": 16, "pool_scales": [2, 3]}}
+    trainer = make_trainer(without_global_pool, batch_size=1)
+    assert trainer.batch_size == 1
+    trainer.train_step(batch(trainer))
 
 
 def test_3d_configuration_is_refused_by_the_trainer(nnunet_env):

@@ -43,6 +43,8 @@ class ViTSegmentationModel(nn.Module):
 
     # Decoders with a 0.5x pyramid level need an even token grid, or that level is misaligned.
     token_grid_multiple: int = 1
+    # Training batches smaller than this fail in BatchNorm (e.g. on a 1x1 pooled map).
+    min_train_batch_size: int = 1
 
     def __init__(
         self,

@@ -34,6 +34,8 @@ class UperNetSegmentationModel(ViTSegmentationModel):
         **backbone_kwargs,
     ) -> None:
         super().__init__(**backbone_kwargs)
+        # Pool scale 1 gives a 1x1 map, where BatchNorm in training needs at least two samples.
+        self.min_train_batch_size = 2 if 1 in pool_scales else 1
         pyramid_channels = list(pyramid_channels or default_pyramid_channels(self.embed_dim))
         self.pyramid = ViTFeaturePyramid(self.embed_dim, pyramid_channels)
         self.config = UperNetConfig(

@@ -23,7 +23,7 @@ from nnunetv2.vit.cli import dataset_name, get_device, register_trainer_discover
 from nnunetv2.vit.config import load_config
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.trainer import (
-    VIT_CONFIG_KEY, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, vit_config_in_plans,
+    add_vit_config, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, vit_config_in_plans,
 )
 
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
@@ -213,10 +213,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             print(f"Continuing from {found[0]}")
 
-    configuration = plans["configurations"][args.configuration]
-    configuration[VIT_CONFIG_KEY] = config
-    if config["train"]["batch_size"] is not None:
-        configuration["batch_size"] = config["train"]["batch_size"]
+    add_vit_config(plans, args.configuration, config)
 
     if args.num_gpus > 1:
         os.environ.setdefault("MASTER_ADDR", "localhost")

@@ -129,6 +129,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
         self.network = self._build_training_network().to(self.device)
+        self._check_batch_size(self.network)
         if self._do_i_compile():
             self.print_to_log_file("Using torch.compile...")
             self.network = torch.compile(self.network)
@@ -141,6 +142,17 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
+
+    def _check_batch_size(self, network: torch.nn.Module) -> None:
+        """Refuse batches too small for the model's BatchNorm before training crashes inside it."""
+        sync_bn = self.is_ddp and self.device.type == "cuda"  # SyncBatchNorm normalises over all GPUs' samples
+        batch = self.configuration_manager.batch_size if sync_bn else self.batch_size
+        if batch < network.min_train_batch_size:
+            where = "per process" if self.is_ddp else "per step"
+            raise ConfigError(
+                f"{type(network).__name__} needs training batches of at least {network.min_train_batch_size} "
+                f"(BatchNorm on its 1x1 pyramid-pooling map), but gets {batch} {where}. Raise train.batch_size, "
+                f"or leave 1 out of model.decoder.pool_scales.")
 
     @property
     def model(self) -> torch.nn.Module:
@@ -309,6 +321,15 @@ def read_training_checkpoint(path: str, mmap: bool = False) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise RuntimeError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
+
+
+def add_vit_config(plans: dict, configuration: str, config: dict) -> None:
+    """Store the resolved ViT config in the plans (where the trainer, results and checkpoints read it)
+    and apply its ``train.batch_size`` override to the planned batch size."""
+    planned = plans["configurations"][configuration]
+    planned[VIT_CONFIG_KEY] = config
+    if config["train"]["batch_size"] is not None:
+        planned["batch_size"] = config["train"]["batch_size"]
 
 
 def vit_config_in_plans(plans: dict, configuration: str) -> Optional[dict]:
