@@ -116,41 +116,40 @@ def test_fp16_overflow_skips_the_update_and_is_counted(nnunet_env):
     assert "fp16 gradient overflow: step skipped" in open(trainer.log_file).read()
 
 
-def test_killed_checkpoint_write_keeps_the_previous_checkpoint(nnunet_env, monkeypatch):
+@pytest.fixture
+def interrupted_checkpoint_write(nnunet_env, monkeypatch):
+    """The path of a good checkpoint (epoch 5) and ``write(error)``, which starts the next checkpoint
+    write over it, gets half-way and raises ``error``."""
     trainer = make_trainer()
     target = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
     trainer.current_epoch = 4
     trainer.save_checkpoint(target)
 
-    def dying_save(obj, filename, *args, **kwargs):
-        with open(filename, "wb") as f:
-            f.write(b"half a checkp")
-        raise KeyboardInterrupt("killed while writing")
+    def write(error: BaseException) -> None:
+        def failing_save(obj, filename, *args, **kwargs):
+            with open(filename, "wb") as f:
+                f.write(b"half a checkp")
+            raise error
 
-    monkeypatch.setattr(torch, "save", dying_save)
-    trainer.current_epoch = 9
+        trainer.current_epoch = 9
+        with monkeypatch.context() as patch:
+            patch.setattr(torch, "save", failing_save)
+            trainer.save_checkpoint(target)
+
+    return target, write
+
+
+def test_killed_checkpoint_write_keeps_the_previous_checkpoint(interrupted_checkpoint_write):
+    target, write = interrupted_checkpoint_write
     with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoint(target)
-    monkeypatch.undo()
+        write(KeyboardInterrupt("killed while writing"))
     assert torch.load(target, weights_only=False)["current_epoch"] == 5
 
 
-def test_full_disk_during_checkpoint_write_is_one_clear_error(nnunet_env, monkeypatch, capsys):
-    trainer = make_trainer()
-    target = os.path.join(trainer.output_folder, "checkpoint_latest.pth")
-    trainer.current_epoch = 4
-    trainer.save_checkpoint(target)
-
-    def full_disk_save(obj, filename, *args, **kwargs):
-        with open(filename, "wb") as f:
-            f.write(b"half a checkp")
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", full_disk_save)
-    trainer.current_epoch = 9
-    code, err = run_cli(lambda argv: cli.run_main("nnUNetv2_train_vit.py", lambda: trainer.save_checkpoint(target)),
-                        [], capsys)
-    monkeypatch.undo()
+def test_full_disk_during_checkpoint_write_is_one_clear_error(interrupted_checkpoint_write, capsys):
+    target, write = interrupted_checkpoint_write
+    full_disk = OSError(28, "No space left on device")
+    code, err = run_cli(lambda argv: cli.run_main("nnUNetv2_train_vit.py", lambda: write(full_disk)), [], capsys)
     assert code == 2
     assert f"error: Cannot write checkpoint {target}: [Errno 28] No space left on device" in err
     assert "previous checkpoint is intact" in err and "--c" in err and err.count("\n") == 1
