@@ -373,3 +373,21 @@ def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(
     assert all(ddp_checkpoint["network_weights"][k].shape == v.shape for k, v in reference.items())
     assert ddp_checkpoint["current_epoch"] == 1
     assert np.isfinite(ddp_checkpoint["logging"]["train_losses"]).all()
+
+
+def test_user_error_in_ddp_processes_is_one_line(nnunet_env, tmp_path):
+    """An error raised inside the DDP processes reads as in one process: one line, exit code 2."""
+    config = tmp_path / "upernet.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {**TINY_MODEL, "model_path": "nnunetv2.model.model_upernet", "decoder": {"hidden_size": 16}},
+        "train": {"batch_size": 2, "num_epochs": 1}}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config),
+         "-num_gpus", "2", "-device", "cpu"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == ["nnUNetv2_train_vit.py: error: UperNetSegmentationModel needs training batches of at least 2 "
+                      "(BatchNorm on its 1x1 pyramid-pooling map), but gets 1 per process. Raise train.batch_size, "
+                      "or leave 1 out of model.decoder.pool_scales."], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

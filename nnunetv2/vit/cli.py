@@ -53,11 +53,15 @@ def get_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_main(prog: str, main: Callable[[], None]) -> None:
-    """Run a command; user errors become one ``prog: error: ...`` line and exit code 2."""
+USER_ERROR_EXIT_CODE = 2
+
+
+def run_main(prog: str, main: Callable[[], None], report: bool = True) -> None:
+    """Run a command; user errors become one ``prog: error: ...`` line (if ``report``) and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main()
     except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if report:
+            print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

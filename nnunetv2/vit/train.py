@@ -11,6 +11,7 @@ import argparse
 import copy
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -19,19 +20,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2.vit.cli import dataset_name, get_device, register_trainer_discovery, run_main
+from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, dataset_name, get_device, register_trainer_discovery, run_main
 from nnunetv2.vit.config import load_config
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.trainer import (
     add_vit_config, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, vit_config_in_plans,
 )
 
+PROG = "nnUNetv2_train_vit.py"
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nnUNetv2_train_vit.py",
+        prog=PROG,
         description="Train a ViT segmentation model (DPT, UperNet, SegFormer, Primus) with nnU-Net v2.",
     )
     parser.add_argument("dataset_name_or_id", help="Dataset name or ID to train with")
@@ -169,8 +171,8 @@ def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dic
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         device = torch.device("cpu")
-    try:
-        train_one_process(args, plans, dataset_json, device, resume)
+    try:  # a user error is reported once, by rank 0; every rank exits with the user-error code
+        run_main(PROG, lambda: train_one_process(args, plans, dataset_json, device, resume), report=rank == 0)
     finally:
         dist.destroy_process_group()
 
@@ -222,7 +224,13 @@ def run(args: argparse.Namespace) -> None:
                 sock.bind(("", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         resume = str(found[0]) if found else None  # each process reads it; a loaded dict would be pickled N times
-        mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume), nprocs=args.num_gpus, join=True)
+        try:
+            mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume), nprocs=args.num_gpus,
+                     join=True)
+        except mp.ProcessExitedException as err:
+            if err.exit_code == USER_ERROR_EXIT_CODE:
+                sys.exit(USER_ERROR_EXIT_CODE)  # rank 0 has printed the error
+            raise
     else:
         train_one_process(args, plans, dataset_json, device, found[1] if found else None)
 
@@ -232,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
         os.environ[var] = "1"
     args = build_parser().parse_args(argv)
-    run_main("nnUNetv2_train_vit.py", lambda: run(args))
+    run_main(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":
