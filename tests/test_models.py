@@ -441,6 +441,15 @@ def test_bf16_autocast_matches_fp32(case):
     assert ((mixed - reference).norm() / reference.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_classifier_is_the_only_layer_that_depends_on_num_classes(variant):
+    """What -pretrained_weights leaves out when the new dataset has other labels (nnU-Net's seg layers)."""
+    three, five = build(variant, "dinov3", num_classes=3), build(variant, "dinov3", num_classes=5)
+    other = five.state_dict()
+    differing = sorted(k for k, v in three.state_dict().items() if other[k].shape != v.shape)
+    assert differing == sorted(three.classifier_keys())
+
+
 # ------------------------------------------------------------------------------ torch.compile
 
 

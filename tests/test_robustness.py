@@ -23,9 +23,9 @@ from conftest import DATASET_ID, REPO
 from nnunetv2.vit import cli
 from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
-from nnunetv2.vit.config import validate_config
+from nnunetv2.vit.config import build_model, validate_config
 from nnunetv2.vit.errors import ConfigError
-from nnunetv2.vit.trainer import add_vit_config, nnUNetTrainer_vit
+from nnunetv2.vit.trainer import add_vit_config, load_pretrained_network, nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
 
@@ -246,6 +246,48 @@ def test_upernet_batch_of_one_is_refused_before_training(nnunet_env):
     trainer = make_trainer(without_global_pool, batch_size=1)
     assert trainer.batch_size == 1
     trainer.train_step(batch(trainer))
+
+
+def test_pretrained_weights_from_another_dataset_transfer_all_but_the_classifier(nnunet_env, tmp_path):
+    source = build_model(validate_config({"model": TINY_MODEL}), 3, 5, load_weights=False)  # 5 labels elsewhere
+    with torch.no_grad():
+        for param in source.parameters():
+            param.add_(0.5)
+    torch.save({"network_weights": source.state_dict()}, tmp_path / "other_dataset.pth")
+    trainer = make_trainer()  # this dataset: 3 labels
+    classifier = set(trainer.model.classifier_keys())
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items() if k in classifier}
+
+    load_pretrained_network(trainer.model, str(tmp_path / "other_dataset.pth"))
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[key] if key in classifier else source.state_dict()[key]), key
+
+    wider = build_model(validate_config({"model": {**TINY_MODEL, "decoder": {"fusion_hidden_size": 32}}}), 3, 3,
+                        load_weights=False)
+    torch.save({"network_weights": wider.state_dict()}, tmp_path / "wider.pth")
+    with pytest.raises(ConfigError, match="does not fit this model: .* missing or have another shape"):
+        load_pretrained_network(trainer.model, str(tmp_path / "wider.pth"))
+    torch.save(source.state_dict(), tmp_path / "bare_state_dict.pth")
+    with pytest.raises(ConfigError, match="is not an nnU-Net checkpoint .* model.checkpoint_path"):
+        load_pretrained_network(trainer.model, str(tmp_path / "bare_state_dict.pth"))
+
+
+def test_training_from_pretrained_weights_downloads_nothing(nnunet_env, tmp_path, caplog):
+    """-pretrained_weights replaces the backbone's weights, so pretrained: true must not reach the (offline) hub."""
+    source = build_model(validate_config({"model": TINY_MODEL}), 3, 3, load_weights=False)
+    torch.save({"network_weights": source.state_dict()}, tmp_path / "weights.pth")
+    config = tmp_path / "pretrained.yaml"
+    config.write_text(yaml.safe_dump({"model": {**TINY_MODEL, "pretrained": True}, "train": {
+        "num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}}))
+    caplog.set_level("INFO")
+    try:
+        train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu",
+                        "-pretrained_weights", str(tmp_path / "weights.pth")])
+    finally:
+        torch.set_num_threads(1)  # -device cpu took every core for this process
+    assert "Loaded" in caplog.text and "classifier (head.head.4.weight, head.head.4.bias) left at" in caplog.text
+    assert (nnunet_env[2] / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d" / "fold_0"
+            / "checkpoint_final.pth").is_file()
 
 
 def test_3d_configuration_is_refused_by_the_trainer(nnunet_env):

@@ -79,6 +79,17 @@ class ViTSegmentationModel(nn.Module):
         """Logits on a grid aligned with ``x`` (any multiple of its size); ``x`` is patch-aligned."""
         raise NotImplementedError
 
+    @property
+    def classifier(self) -> nn.Module:
+        """The layers whose shapes depend on ``num_classes`` (usually the last one): not transferred between
+        datasets by ``-pretrained_weights``, like nnU-Net's seg layers."""
+        raise NotImplementedError
+
+    def classifier_keys(self) -> List[str]:
+        """State-dict keys of ``classifier``."""
+        name = next(name for name, module in self.named_modules() if module is self.classifier)
+        return [f"{name}.{key}" for key in self.classifier.state_dict()]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         x = pad_to_multiple(x, self.patch_size * self.token_grid_multiple)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn as nn
 from transformers import DPTConfig
 from transformers.models.dpt.modeling_dpt import DPTNeck, DPTSemanticSegmentationHead
 
@@ -60,6 +61,10 @@ class DPTSegmentationModel(ViTSegmentationModel):
         self.head = DPTSemanticSegmentationHead(self.config)
         # The first fusion layer has no residual input, so its residual unit would never get a gradient.
         del self.neck.fusion_stage.layers[0].residual_layer1
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.head.head[4]  # HF's head: conv, BN, ReLU, dropout, 1x1 conv to the classes, upsample
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

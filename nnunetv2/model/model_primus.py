@@ -34,6 +34,10 @@ class PrimusSegmentationModel(ViTSegmentationModel):
         # PatchDecode is written for 3D; a singleton third axis with stride 1 makes it 2D.
         self.decoder = PatchDecode((decode_stride, decode_stride, 1), self.embed_dim, self.num_classes)
 
+    @property
+    def classifier(self) -> nn.Module:
+        return self.decoder  # PatchDecode derives every layer's width from num_classes
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         if self.multi_scale:
             tokens = self.fuse(torch.cat(get_vit_features(self.backbone, x, self.feature_indices), dim=1))

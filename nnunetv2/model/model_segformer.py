@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 from transformers import SegformerConfig
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
@@ -44,6 +45,10 @@ class SegFormerSegmentationModel(ViTSegmentationModel):
             num_labels=self.num_classes,
         )
         self.head = SegformerDecodeHead(self.config)
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.head.classifier
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))

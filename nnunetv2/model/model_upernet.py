@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn as nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
@@ -42,6 +43,10 @@ class UperNetSegmentationModel(ViTSegmentationModel):
             hidden_size=hidden_size, pool_scales=list(pool_scales), num_labels=self.num_classes, use_auxiliary_head=False
         )
         self.head = UperNetHead(self.config, in_channels=pyramid_channels)
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.head.classifier
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))

@@ -24,7 +24,8 @@ from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, dataset_name, get_device, reg
 from nnunetv2.vit.config import load_config
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.trainer import (
-    add_vit_config, describe_model, nnUNetTrainer_vit, read_training_checkpoint, same_model, vit_config_in_plans,
+    add_vit_config, describe_model, load_pretrained_network, nnUNetTrainer_vit, read_training_checkpoint, same_model,
+    vit_config_in_plans,
 )
 
 PROG = "nnUNetv2_train_vit.py"
@@ -134,7 +135,6 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
                       resume: Union[None, str, dict]) -> None:
     """What upstream's run_training does per process, for the ViT trainer."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
     trainer_class = recursive_find_trainer_class_by_name(args.tr)
     if not issubclass(trainer_class, nnUNetTrainer_vit):
@@ -145,12 +145,13 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
     trainer = trainer_class(plans=plans, configuration=args.configuration, fold=fold, dataset_json=dataset_json,
                             device=device)
     trainer.disable_checkpointing = args.disable_checkpointing
-    trainer.load_pretrained_backbone = resume is None
+    # Weights from a checkpoint (resume) or -pretrained_weights replace the backbone's: no download.
+    trainer.load_pretrained_backbone = resume is None and not args.pretrained_weights
     if resume is not None:
         trainer.load_checkpoint(resume)
     elif args.pretrained_weights:
         trainer.initialize()
-        load_pretrained_weights(trainer.network, args.pretrained_weights, verbose=True)
+        load_pretrained_network(trainer.model, args.pretrained_weights)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     if not args.val:

@@ -7,6 +7,7 @@ upstream copies the plans into the results folder and every checkpoint, so predi
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import List, Optional, Union
 
@@ -321,6 +322,32 @@ def read_training_checkpoint(path: str, mmap: bool = False) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
         raise RuntimeError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
+
+
+def load_pretrained_network(model: torch.nn.Module, path: str) -> None:
+    """Initialise ``model`` from the network weights of another nnU-Net training of the same model (e.g. on
+    another dataset), as upstream's ``-pretrained_weights``: every tensor but the classifier's is copied,
+    and must exist with the same shape."""
+    try:
+        checkpoint = read_training_checkpoint(path, mmap=True)
+    except RuntimeError as err:
+        raise ConfigError(f"-pretrained_weights: {err}") from err
+    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
+        raise ConfigError(f"-pretrained_weights {path} is not an nnU-Net checkpoint (no 'network_weights'); "
+                          f"backbone weights (timm, DINOv3, RETFound, ...) go into model.checkpoint_path instead.")
+    weights = {k[len("module."):] if k.startswith("module.") else k: v
+               for k, v in checkpoint["network_weights"].items()}
+    own = model.state_dict()
+    transfer = [k for k in own if k not in set(model.classifier_keys())]
+    misfits = [k for k in transfer if k not in weights or weights[k].shape != own[k].shape]
+    if misfits:
+        raise ConfigError(
+            f"-pretrained_weights {path} does not fit this model: {len(misfits)} of {len(transfer)} tensors are "
+            f"missing or have another shape (e.g. {', '.join(misfits[:3])}). It must come from a training with the "
+            f"same model config (backbone, size, decoder, LoRA); only the number of classes may differ.")
+    model.load_state_dict({k: weights[k] for k in transfer}, strict=False)
+    logging.getLogger(__name__).info("Loaded %d tensors from %s; classifier (%s) left at initialisation.",
+                                     len(transfer), path, ", ".join(model.classifier_keys()))
 
 
 def add_vit_config(plans: dict, configuration: str, config: dict) -> None:
