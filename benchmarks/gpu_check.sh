@@ -48,6 +48,8 @@ stage s1_512_bf16 120 15 --models $M dpt dpt_light --sizes 512:4 --precision bf1
 stage s1_512_bf16_compile 330 110 --models dpt_light $M dpt --sizes 512:4 --precision bf16 --compile on --skip-infer
 # (2) 1024 batch 3 bf16, dpt_light with and without gradient checkpointing.
 stage s2_1024_ckpt 90 30 --models dpt_light --sizes 1024:3 --precision bf16 --grad-ckpt on off
+# (2b) channels_last (model and input) against s1's fused bf16 rows: should the trainer use it?
+stage s2b_512_channels_last 60 15 --models dpt_light $M --sizes 512:4 --precision bf16 --fused on --channels-last --skip-infer
 # (4) the other decoders and nnU-Net's U-Net, bf16, no compile.
 stage s4_512_decoders 110 15 --models $M upernet segformer primus primus_ms unet --sizes 512:4 --precision bf16
 # (5) fp32 and fp16 (autocast + GradScaler).
