@@ -12,6 +12,7 @@ import copy
 import os
 import socket
 import sys
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -20,7 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, dataset_name, get_device, register_trainer_discovery, run_main
+from nnunetv2.vit.cli import (
+    USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, exit_with_user_error, get_device, register_trainer_discovery,
+    run_main,
+)
 from nnunetv2.vit.config import load_config
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.trainer import (
@@ -162,7 +166,7 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
 
 
 def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dict, dataset_json: dict,
-                resume: Optional[str]) -> None:
+                resume: Optional[str], user_errors: SimpleQueue) -> None:
     """One DDP process: NCCL on its own GPU, or gloo on the CPU (testing, machines without GPUs)."""
     if args.device == "cuda":
         dist.init_process_group("nccl", rank=rank, world_size=world_size)
@@ -172,8 +176,11 @@ def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dic
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         device = torch.device("cpu")
-    try:  # a user error is reported once, by rank 0; every rank exits with the user-error code
-        run_main(PROG, lambda: train_one_process(args, plans, dataset_json, device, resume), report=rank == 0)
+    try:
+        train_one_process(args, plans, dataset_json, device, resume)
+    except USER_ERRORS as err:
+        user_errors.put(str(err))  # the parent prints the first: one line, as without DDP
+        sys.exit(USER_ERROR_EXIT_CODE)
     finally:
         dist.destroy_process_group()
 
@@ -225,12 +232,13 @@ def run(args: argparse.Namespace) -> None:
                 sock.bind(("", 0))
                 os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
         resume = str(found[0]) if found else None  # each process reads it; a loaded dict would be pickled N times
+        user_errors = mp.get_context("spawn").SimpleQueue()
         try:
-            mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume), nprocs=args.num_gpus,
-                     join=True)
+            mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume, user_errors),
+                     nprocs=args.num_gpus, join=True)
         except mp.ProcessExitedException as err:
-            if err.exit_code == USER_ERROR_EXIT_CODE:
-                sys.exit(USER_ERROR_EXIT_CODE)  # rank 0 has printed the error
+            if err.exit_code == USER_ERROR_EXIT_CODE and not user_errors.empty():
+                exit_with_user_error(PROG, user_errors.get())
             raise
     else:
         train_one_process(args, plans, dataset_json, device, found[1] if found else None)
