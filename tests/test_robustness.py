@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
-from batchgenerators.utilities.file_and_folder_operations import save_json
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from PIL import Image
 
 from conftest import DATASET_ID, REPO
@@ -433,3 +433,30 @@ def test_user_error_in_ddp_processes_is_one_line(nnunet_env, tmp_path):
                       "(BatchNorm on its 1x1 pyramid-pooling map), but gets 1 per process. Raise train.batch_size, "
                       "or leave 1 out of model.decoder.pool_scales."], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_named_2d_configurations_keep_models_of_one_dataset_apart(nnunet_env, tmp_path, capsys):
+    """'2d_<name>' trains on the 2d data into its own results folder; predicting with -c 2d_<name> works."""
+    _, dataset, results = nnunet_env
+    train = {"num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}
+    configs = {"2d_dpt": {"model": TINY_MODEL, "train": train},
+               "2d_primus": {"model": {**TINY_MODEL, "model_path": "nnunetv2.model.model_primus", "decoder": {}},
+                             "train": train}}
+    try:
+        for name, config in configs.items():
+            (tmp_path / f"{name[3:]}.yaml").write_text(yaml.safe_dump(config))
+            train_cli.main([str(DATASET_ID), name, "0", "--config", str(tmp_path / f"{name[3:]}.yaml"), "-device", "cpu"])
+        code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d_dpt", "0", "--config", str(tmp_path / "primus.yaml"),
+                                             "-device", "cpu"], capsys)
+        assert code == 2 and "already holds a model trained with a different config" in err
+        assert "own configuration name, e.g. '2d_primus' instead of '2d_dpt'" in err
+        predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "predictions"), "-d", str(DATASET_ID),
+                          "-c", "2d_primus", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"])
+    finally:
+        torch.set_num_threads(1)  # -device cpu took every core for this process
+    for name, config in configs.items():
+        folder = results / f"Dataset{DATASET_ID}_DemoFundus" / f"nnUNetTrainer_vit__nnUNetPlans__{name}"
+        assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
+        stored = load_json(str(folder / "plans.json"))["configurations"][name]
+        assert stored["inherits_from"] == "2d" and stored["vit_config"]["model"]["model_path"] == config["model"]["model_path"]
+    assert len(list((tmp_path / "predictions").glob("*.png"))) == len(list((dataset / "imagesTs").glob("*.png")))

@@ -33,6 +33,7 @@ from nnunetv2.vit.trainer import (
 )
 
 PROG = "nnUNetv2_train_vit.py"
+NAMED_BASE = "2d"  # '2d_<name>' configurations inherit from it
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 
 
@@ -63,8 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: str) -> tuple[str, dict, dict]:
-    """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run."""
+    """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run.
+
+    ``2d_<name>`` is added to the plans as a configuration inheriting from ``2d``: it trains on the same
+    preprocessed data into its own results folder, so several models of one dataset can sit side by side.
+    """
     from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if not nnUNet_preprocessed.is_set():
         raise ConfigError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
@@ -77,15 +83,21 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
             f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c 2d` first."
         )
     plans = load_json(str(plans_file))
+    if configuration not in plans["configurations"] and configuration.startswith(f"{NAMED_BASE}_") \
+            and NAMED_BASE in plans["configurations"]:
+        # A named 2d configuration (nnU-Net's inherits_from): same data, its own results folder.
+        plans["configurations"][configuration] = {"inherits_from": NAMED_BASE}
     if configuration not in plans["configurations"]:
         raise ConfigError(f"Configuration '{configuration}' is not in {plans_file}. Available: "
-                          f"{', '.join(plans['configurations'])}. ViT models use '2d'.")
-    patch_size = plans["configurations"][configuration].get("patch_size")
-    if patch_size is not None and len(patch_size) != 2:
-        raise ConfigError(f"ViT models are 2D, but configuration '{configuration}' is {len(patch_size)}D. Use '2d'.")
-    if not (folder / plans["configurations"][configuration].get("data_identifier", "")).is_dir():
+                          f"{', '.join(plans['configurations'])}. ViT models use '2d', or '2d_<name>' to keep "
+                          f"several models of one dataset apart.")
+    planned = PlansManager(plans).get_configuration(configuration)
+    if len(planned.patch_size) != 2:
+        raise ConfigError(f"ViT models are 2D, but configuration '{configuration}' is {len(planned.patch_size)}D. "
+                          f"Use '2d'.")
+    if not (folder / planned.data_identifier).is_dir():
         raise ConfigError(f"Configuration '{configuration}' of {name} is planned but not preprocessed. "
-                          f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {configuration}` first.")
+                          f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {NAMED_BASE}` first.")
     return name, plans, load_json(str(folder / "dataset.json"))
 
 
@@ -128,9 +140,13 @@ def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: 
                               + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
         return stored
     if stored is not None and not same_model(stored, requested):
+        stem = Path(args.config).stem
+        name = stem if stem.startswith(f"{NAMED_BASE}_") else f"{NAMED_BASE}_{stem}"
         raise ConfigError(
             f"{fold_folder.parent} already holds a model trained with a different config ({describe_model(stored)}); "
-            f"--config asks for {describe_model(requested)}. Use another nnUNet_results folder, or the same config."
+            f"--config asks for {describe_model(requested)}. Give this model its own configuration name"
+            + (f", e.g. '{name}' instead of '{args.configuration}'" if name != args.configuration else "")
+            + ", or use the same config."
         )
     return requested
 
