@@ -55,17 +55,17 @@ class CudnnLikeFp16Convolutions(TorchFunctionMode):
 
 def count_skips(log_text: str) -> Dict[str, Any]:
     """Per-epoch counts of fp16 overflows and non-finite-loss skips in an nnU-Net training log."""
-    epoch, per_epoch = -1, {}
+    epoch, per_epoch = 0, {}
     scales = []
     for line in log_text.splitlines():
+        counts = per_epoch.setdefault(epoch, {"fp16_overflows": 0, "nonfinite_loss_skips": 0})
         if match := re.search(r"Epoch (\d+)\s*$", line):
             epoch = int(match.group(1))
-            per_epoch.setdefault(epoch, {"fp16_overflows": 0, "nonfinite_loss_skips": 0})
         elif match := re.search(r"fp16 gradient overflow: step skipped, loss scale now ([\d.e+]+)", line):
-            per_epoch[epoch]["fp16_overflows"] += 1
+            counts["fp16_overflows"] += 1
             scales.append(float(match.group(1)))
         elif "Skipped training step" in line:
-            per_epoch[epoch]["nonfinite_loss_skips"] += 1
+            counts["nonfinite_loss_skips"] += 1
     return {
         "fp16_overflows": sum(e["fp16_overflows"] for e in per_epoch.values()),
         "nonfinite_loss_skips": sum(e["nonfinite_loss_skips"] for e in per_epoch.values()),
