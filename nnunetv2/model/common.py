@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nnunetv2.model.backbone import ProgressiveUpsampler, create_backbone, feature_indices_for_depth
+from nnunetv2.model.backbone import ProgressiveUpsampler, create_backbone, feature_indices_for_depth, get_vit_features
 
 _logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def make_factory(model_cls: type) -> Callable[..., ViTSegmentationModel]:
     """
     params: Dict[str, inspect.Parameter] = {}
     for klass in reversed(model_cls.__mro__):
-        if not (isinstance(klass, type) and issubclass(klass, ViTSegmentationModel)):
+        if not (isinstance(klass, type) and issubclass(klass, ViTSegmentationModel)) or "__init__" not in vars(klass):
             continue
         for param in list(inspect.signature(klass.__init__).parameters.values())[1:]:
             if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
@@ -220,3 +220,23 @@ class ViTFeaturePyramid(nn.Module):
 def default_pyramid_channels(embed_dim: int) -> List[int]:
     """[E/4, E/2, E, E]: the channel widths DPT and ViT-Adapter use for the four levels."""
     return [embed_dim // 4, embed_dim // 2, embed_dim, embed_dim]
+
+
+class ViTPyramidHeadModel(ViTSegmentationModel):
+    """Base of the decoders that read a ``ViTFeaturePyramid`` with a HuggingFace head (``self.head``,
+    last layer ``head.classifier``): UperNet and SegFormer. Subclasses call ``add_pyramid`` and set ``head``."""
+
+    token_grid_multiple = 2  # the 0.5x level
+
+    def add_pyramid(self, pyramid_channels: Optional[Sequence[int]]) -> List[int]:
+        """Build ``self.pyramid`` (default widths ``[E/4, E/2, E, E]``) and return its channel widths."""
+        channels = list(pyramid_channels or default_pyramid_channels(self.embed_dim))
+        self.pyramid = ViTFeaturePyramid(self.embed_dim, channels)
+        return channels
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.head.classifier
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))

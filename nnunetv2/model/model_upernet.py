@@ -8,23 +8,18 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import torch
-import torch.nn as nn
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
-from nnunetv2.model.backbone import get_vit_features
-from nnunetv2.model.common import ViTFeaturePyramid, ViTSegmentationModel, default_pyramid_channels, make_factory
+from nnunetv2.model.common import ViTPyramidHeadModel, make_factory
 
 
-class UperNetSegmentationModel(ViTSegmentationModel):
+class UperNetSegmentationModel(ViTPyramidHeadModel):
     """ViT backbone + feature pyramid + HF UperNet head.
 
     Decoder options: ``hidden_size`` (channels of the PPM/FPN), ``pool_scales`` (pyramid pooling
     bins) and ``pyramid_channels`` (channels of the four pyramid levels, default ``[E/4, E/2, E, E]``).
     """
-
-    token_grid_multiple = 2
 
     def __init__(
         self,
@@ -37,19 +32,11 @@ class UperNetSegmentationModel(ViTSegmentationModel):
         super().__init__(**backbone_kwargs)
         # Pool scale 1 gives a 1x1 map, where BatchNorm in training needs at least two samples.
         self.min_train_batch_size = 2 if 1 in pool_scales else 1
-        pyramid_channels = list(pyramid_channels or default_pyramid_channels(self.embed_dim))
-        self.pyramid = ViTFeaturePyramid(self.embed_dim, pyramid_channels)
+        pyramid_channels = self.add_pyramid(pyramid_channels)
         self.config = UperNetConfig(
             hidden_size=hidden_size, pool_scales=list(pool_scales), num_labels=self.num_classes, use_auxiliary_head=False
         )
         self.head = UperNetHead(self.config, in_channels=pyramid_channels)
-
-    @property
-    def classifier(self) -> nn.Module:
-        return self.head.classifier
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))
 
 
 create_segmentation_model = make_factory(UperNetSegmentationModel)
