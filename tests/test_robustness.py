@@ -59,6 +59,22 @@ def batch(trainer: nnUNetTrainer_vit, value: float = 0.0) -> dict:
     return {"data": data, "target": torch.randint(0, 3, (trainer.batch_size, 1, *size)).float()}
 
 
+@pytest.fixture
+def cpu_command():
+    """For tests that run a command in-process with -device cpu, which takes every core: give them back."""
+    yield
+    torch.set_num_threads(1)
+
+
+def run_ddp_command(config, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """nnUNetv2_train_vit.py on the session's dataset, fold 0, with 2 CPU DDP processes (gloo)."""
+    return subprocess.run(
+        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config),
+         "-num_gpus", "2", "-device", "cpu", *args],
+        env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", **env),
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 def run_cli(main, argv, capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
@@ -274,7 +290,7 @@ def test_pretrained_weights_from_another_dataset_transfer_all_but_the_classifier
         load_pretrained_network(trainer.model, str(tmp_path / "bare_state_dict.pth"))
 
 
-def test_training_from_pretrained_weights_downloads_nothing(nnunet_env, tmp_path, caplog):
+def test_training_from_pretrained_weights_downloads_nothing(nnunet_env, tmp_path, caplog, cpu_command):
     """-pretrained_weights replaces the backbone's weights, so pretrained: true must not reach the (offline) hub."""
     source = build_model(validate_config({"model": TINY_MODEL}), 3, 3, load_weights=False)
     torch.save({"network_weights": source.state_dict()}, tmp_path / "weights.pth")
@@ -282,11 +298,8 @@ def test_training_from_pretrained_weights_downloads_nothing(nnunet_env, tmp_path
     config.write_text(yaml.safe_dump({"model": {**TINY_MODEL, "pretrained": True}, "train": {
         "num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}}))
     caplog.set_level("INFO")
-    try:
-        train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu",
-                        "-pretrained_weights", str(tmp_path / "weights.pth")])
-    finally:
-        torch.set_num_threads(1)  # -device cpu took every core for this process
+    train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu",
+                    "-pretrained_weights", str(tmp_path / "weights.pth")])
     assert "Loaded" in caplog.text and "classifier (head.head.4.weight, head.head.4.bias) left at" in caplog.text
     assert (nnunet_env[2] / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d" / "fold_0"
             / "checkpoint_final.pth").is_file()
@@ -394,12 +407,7 @@ def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": TINY_MODEL, "lora": {"enabled": True, "r": 4}, "train": {
         "num_epochs": 1, "num_iterations_per_epoch": 3, "num_val_iterations_per_epoch": 1}}))
-    env = dict(os.environ, nnUNet_extTrainer=str(tmp_path / "trainers"), PYTHONPATH=str(REPO),
-               HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(
-        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config),
-         "-num_gpus", "2", "-device", "cpu", "-tr", "nnUNetTrainer_vit_nanrank1"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_ddp_command(config, "-tr", "nnUNetTrainer_vit_nanrank1", nnUNet_extTrainer=str(tmp_path / "trainers"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
     fold = tmp_path / "results" / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit_nanrank1__nnUNetPlans__2d" / "fold_0"
@@ -425,10 +433,7 @@ def test_user_error_in_ddp_processes_is_one_line(nnunet_env, tmp_path):
     config.write_text(yaml.safe_dump({
         "model": {**TINY_MODEL, "model_path": "nnunetv2.model.model_upernet", "decoder": {"hidden_size": 16}},
         "train": {"batch_size": 2, "num_epochs": 1}}))
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    result = subprocess.run(
-        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config),
-         "-num_gpus", "2", "-device", "cpu"], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_ddp_command(config)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert errors == ["nnUNetv2_train_vit.py: error: UperNetSegmentationModel needs training batches of at least 2 "
@@ -437,25 +442,22 @@ def test_user_error_in_ddp_processes_is_one_line(nnunet_env, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_named_2d_configurations_keep_models_of_one_dataset_apart(nnunet_env, tmp_path, capsys):
+def test_named_2d_configurations_keep_models_of_one_dataset_apart(nnunet_env, tmp_path, capsys, cpu_command):
     """'2d_<name>' trains on the 2d data into its own results folder; predicting with -c 2d_<name> works."""
     _, dataset, results = nnunet_env
     train = {"num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}
     configs = {"2d_dpt": {"model": TINY_MODEL, "train": train},
                "2d_primus": {"model": {**TINY_MODEL, "model_path": "nnunetv2.model.model_primus", "decoder": {}},
                              "train": train}}
-    try:
-        for name, config in configs.items():
-            (tmp_path / f"{name[3:]}.yaml").write_text(yaml.safe_dump(config))
-            train_cli.main([str(DATASET_ID), name, "0", "--config", str(tmp_path / f"{name[3:]}.yaml"), "-device", "cpu"])
-        code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d_dpt", "0", "--config", str(tmp_path / "primus.yaml"),
-                                             "-device", "cpu"], capsys)
-        assert code == 2 and "already holds a model trained with a different config" in err
-        assert "own configuration name, e.g. '2d_primus' instead of '2d_dpt'" in err
-        predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "predictions"), "-d", str(DATASET_ID),
-                          "-c", "2d_primus", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"])
-    finally:
-        torch.set_num_threads(1)  # -device cpu took every core for this process
+    for name, config in configs.items():
+        (tmp_path / f"{name[3:]}.yaml").write_text(yaml.safe_dump(config))
+        train_cli.main([str(DATASET_ID), name, "0", "--config", str(tmp_path / f"{name[3:]}.yaml"), "-device", "cpu"])
+    code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d_dpt", "0", "--config", str(tmp_path / "primus.yaml"),
+                                         "-device", "cpu"], capsys)
+    assert code == 2 and "already holds a model trained with a different config" in err
+    assert "own configuration name, e.g. '2d_primus' instead of '2d_dpt'" in err
+    predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "predictions"), "-d", str(DATASET_ID),
+                      "-c", "2d_primus", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"])
     for name, config in configs.items():
         folder = results / f"Dataset{DATASET_ID}_DemoFundus" / f"nnUNetTrainer_vit__nnUNetPlans__{name}"
         assert (folder / "fold_0" / "checkpoint_final.pth").is_file()

@@ -12,13 +12,13 @@ from typing import Callable
 import torch
 
 from nnunetv2.model.backbone import BackboneWeightsError
-from nnunetv2.vit.errors import CheckpointWriteError, ConfigError
+from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError
 
 EXT_TRAINER_DIR = Path(__file__).resolve().parent / "ext_trainers"
 
 # Errors whose message already tells the user what to fix: shown as one line, exit code 2.
 USER_ERRORS = (ConfigError, BackboneWeightsError, FileNotFoundError, FileExistsError, FloatingPointError,
-               CheckpointWriteError)
+               CheckpointReadError, CheckpointWriteError)
 
 
 def register_trainer_discovery() -> None:

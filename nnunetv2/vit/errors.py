@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (full disk, quota, ...); the one before it is untouched."""
+
+
+class CheckpointReadError(RuntimeError):
+    """An nnU-Net checkpoint file cannot be read: corrupt or truncated."""

@@ -56,10 +56,8 @@ def check_model_and_inputs(argv: Sequence[str]) -> None:
         if not checkpoint_file.is_file():
             raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
                               f"(e.g. -f 0) or another checkpoint with -chk.")
-        try:  # mmap: only the small metadata is read here, the weights are read once by the predictor
-            checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True)
-        except RuntimeError as err:
-            raise ConfigError(str(err)) from err
+        # mmap: only the small metadata is read here, the weights are read once by the predictor
+        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True)
         stored = stored_vit_config(checkpoint, args.c)
         if stored is not None and not same_model(stored, config):
             raise ConfigError(f"{checkpoint_file} holds a different model ({describe_model(stored)}) than "

@@ -26,7 +26,7 @@ from nnunetv2.vit.cli import (
     run_main,
 )
 from nnunetv2.vit.config import load_config
-from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.errors import CheckpointReadError, ConfigError
 from nnunetv2.vit.trainer import (
     add_vit_config, describe_model, load_pretrained_network, nnUNetTrainer_vit, read_training_checkpoint, same_model,
     vit_config_in_plans,
@@ -118,7 +118,7 @@ def first_readable_checkpoint(fold_folder: Path, names: Sequence[str]) -> Option
         if path.is_file():
             try:
                 return path, read_training_checkpoint(str(path))
-            except RuntimeError as err:
+            except CheckpointReadError as err:
                 print(f"WARNING: {err} Trying the previous checkpoint.")
     return None
 

@@ -27,7 +27,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2.vit.config import build_model
-from nnunetv2.vit.errors import CheckpointWriteError, ConfigError
+from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError
 
 VIT_CONFIG_KEY = "vit_config"
 
@@ -299,9 +299,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                               f"asks for ({describe_model(self.vit_config)}).")
         if not self.was_initialized:
             self.initialize()
-        weights = {k[len("module."):] if k.startswith("module.") else k: v
-                   for k, v in checkpoint["network_weights"].items()}
-        self.model.load_state_dict(weights)
+        self.model.load_state_dict(network_weights(checkpoint))
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
         self.logger.load_checkpoint(checkpoint["logging"])
@@ -321,7 +319,12 @@ def read_training_checkpoint(path: str, mmap: bool = False) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:
-        raise RuntimeError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
+        raise CheckpointReadError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
+
+
+def network_weights(checkpoint: dict) -> dict:
+    """A checkpoint's network weights, without the ``module.`` prefix of a DDP-wrapped network."""
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
 
 
 def load_pretrained_network(model: torch.nn.Module, path: str) -> None:
@@ -330,15 +333,15 @@ def load_pretrained_network(model: torch.nn.Module, path: str) -> None:
     and must exist with the same shape."""
     try:
         checkpoint = read_training_checkpoint(path, mmap=True)
-    except RuntimeError as err:
+    except CheckpointReadError as err:
         raise ConfigError(f"-pretrained_weights: {err}") from err
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ConfigError(f"-pretrained_weights {path} is not an nnU-Net checkpoint (no 'network_weights'); "
                           f"backbone weights (timm, DINOv3, RETFound, ...) go into model.checkpoint_path instead.")
-    weights = {k[len("module."):] if k.startswith("module.") else k: v
-               for k, v in checkpoint["network_weights"].items()}
+    weights = network_weights(checkpoint)
     own = model.state_dict()
-    transfer = [k for k in own if k not in set(model.classifier_keys())]
+    classifier = model.classifier_keys()
+    transfer = [k for k in own if k not in classifier]
     misfits = [k for k in transfer if k not in weights or weights[k].shape != own[k].shape]
     if misfits:
         raise ConfigError(
@@ -347,7 +350,7 @@ def load_pretrained_network(model: torch.nn.Module, path: str) -> None:
             f"same model config (backbone, size, decoder, LoRA); only the number of classes may differ.")
     model.load_state_dict({k: weights[k] for k in transfer}, strict=False)
     logging.getLogger(__name__).info("Loaded %d tensors from %s; classifier (%s) left at initialisation.",
-                                     len(transfer), path, ", ".join(model.classifier_keys()))
+                                     len(transfer), path, ", ".join(classifier))
 
 
 def add_vit_config(plans: dict, configuration: str, config: dict) -> None:
