@@ -4,7 +4,8 @@ One run measures, per model and variant (precision, LoRA, gradient checkpointing
 fused AdamW, channels_last, size and batch): the training step time (forward, cross-entropy,
 backward, AdamW step; median over timed steps after warm-up), peak memory, inference throughput,
 FLOPs per image of one training step (``torch.utils.flop_counter``) and the achieved share of a
-matmul peak measured at start. It prints one table and writes the rows plus the environment to JSON.
+matmul peak measured at start, and how far the variant's inference output is from the plain fp32
+model's (same weights and input). It prints one table and writes the rows plus the environment to JSON.
 
 Rows: ``hf_dpt`` (``transformers.DPTForSemanticSegmentation``, DPT-Large config on GPU, a ViT-S sized
 DPT on CPU), ``dpt`` (seed defaults, neck ``[E]*4``), ``dpt_light`` (neck ``[E/4, E/2, E, E]``),
@@ -39,7 +40,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -130,6 +131,7 @@ class Row:
     tflop_per_img: Optional[float] = None
     pct_of_peak: Optional[float] = None
     compile_s: Optional[float] = None
+    rel_err_vs_fp32: Optional[float] = None
     params_total: Optional[int] = None
     params_trainable: Optional[int] = None
     train_step_ms_all: List[float] = field(default_factory=list)
@@ -317,6 +319,23 @@ def release_memory(device: torch.device, compiled: bool = False) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+@contextlib.contextmanager
+def ieee_fp32_convolutions() -> Iterator[None]:
+    """cuDNN convolutions in full fp32 (PyTorch allows TF32 for them by default); no effect on CPU."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """``||output - reference|| / ||reference||`` in fp32."""
+    output, reference = output.float(), reference.float()
+    return ((output - reference).norm() / reference.norm()).item()
+
+
 def short_error(err: BaseException, limit: int = 80) -> str:
     """One-line error text for the table."""
     if isinstance(err, torch.OutOfMemoryError):
@@ -407,12 +426,16 @@ def run_row(v: Variant, args: argparse.Namespace, device: torch.device, peak_flo
     model.eval()
     xi = torch.randn(args.infer_batch, 3, v.size, v.size, device=device).contiguous(memory_format=memory_format)
 
-    def infer_step() -> None:
+    def infer_step() -> torch.Tensor:
         with torch.no_grad(), autocast():
-            net(xi)
+            return net(xi)
 
     time_calls(infer_step, max(args.warmup, 1 if v.compile else 0), device)
     row.infer_img_s = args.infer_batch / statistics.median(time_calls(infer_step, args.steps, device))
+    # Exactness: the variant (precision, compile, channels_last) against the plain fp32 eager model.
+    with torch.no_grad(), ieee_fp32_convolutions():
+        reference = model(xi)
+    row.rel_err_vs_fp32 = relative_error(infer_step(), reference)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,7 +496,7 @@ def fmt(value: Optional[float], spec: str) -> str:
 
 
 TABLE_COLUMNS = ("model", "variant", "size", "batch", "train ms/step", "train img/s", "vs HF DPT", "peak GiB",
-                 "infer img/s", "TFLOP/img", "% of peak", "compile s", "note")
+                 "infer img/s", "rel err", "TFLOP/img", "% of peak", "compile s", "note")
 
 
 def format_table(rows: List[Row]) -> str:
@@ -481,11 +504,11 @@ def format_table(rows: List[Row]) -> str:
     body = [
         (r.variant.model, r.label, str(r.variant.size), str(r.variant.batch), fmt(r.train_ms, ".1f"),
          fmt(r.train_img_s, ".2f"), fmt(r.ratio_vs_hf_dpt, ".2f"), fmt(r.peak_gib, ".2f"), fmt(r.infer_img_s, ".2f"),
-         fmt(r.tflop_per_img, ".4g"), fmt(r.pct_of_peak, ".1f"), fmt(r.compile_s, ".1f"), r.note)
+         fmt(r.rel_err_vs_fp32, ".1e"), fmt(r.tflop_per_img, ".4g"), fmt(r.pct_of_peak, ".1f"), fmt(r.compile_s, ".1f"), r.note)
         for r in rows
     ]
     widths = [max(len(c), *(len(line[i]) for line in body)) if body else len(c) for i, c in enumerate(TABLE_COLUMNS)]
-    numeric = set(range(2, 12))
+    numeric = set(range(2, 13))
 
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -564,6 +587,8 @@ def header_lines(env: dict, args: argparse.Namespace) -> List[str]:
         lines.append("  (on CPU the HF baseline is a ViT-S-sized DPT, so the comparison with the ViT-S backbone is like for like)")
     lines.append("Peak GiB: " + ("torch.cuda.max_memory_allocated over the timed training steps" if env["device_type"] == "cuda"
                                  else "resident-set growth during the row's training (sampled; approximate)"))
+    lines.append("Rel err: ||inference output - fp32 eager output|| / ||fp32 eager output||, same weights and input "
+                 "(reference without TF32); the speed issue's bound is 1e-2")
     return lines
 
 

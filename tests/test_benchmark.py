@@ -24,10 +24,22 @@ def test_cpu_benchmark_rows_and_json(tmp_path, capsys):
         assert row["note"] == "", row["note"]
         assert row["train_img_s"] > 0 and row["infer_img_s"] > 0 and row["tflop_per_img"] > 0
         assert row["size"] == 64 and row["batch"] == 1 and row["precision"] == "fp32"
+        assert 0 <= row["rel_err_vs_fp32"] < 1e-5  # an fp32 eager row is its own reference
     assert rows["hf_dpt"]["ratio_vs_hf_dpt"] == pytest.approx(1.0)
     assert result["environment"]["versions"]["torch"]
     table = capsys.readouterr().out
     assert "| model" in table and "hf_dpt" in table
+
+
+def test_bf16_rows_report_their_distance_from_fp32(tmp_path):
+    """The exactness column measures the variant: bf16 differs from fp32, within the issue's 1e-2."""
+    result = benchmark.main([
+        "--cpu", "--sizes", "64:1", "--models", "dpt", "--precision", "bf16", "--steps", "1", "--warmup", "0",
+        "--threads", "1", "--infer-batch", "1", "--matmul-size", "128", "--out", str(tmp_path / "bench.json"),
+    ])
+    (row,) = result["rows"]
+    assert row["note"] == "", row["note"]
+    assert 1e-5 < row["rel_err_vs_fp32"] < 1e-2
 
 
 def test_unet_plan_has_4x4_bottleneck():
