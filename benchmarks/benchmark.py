@@ -107,6 +107,10 @@ class Variant:
     fused: bool = False
     channels_last: bool = False
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
     def label(self, fused_default: bool) -> str:
         """Short description, e.g. ``bf16+lora+ckpt+compile``; fused AdamW shown only when not the device default."""
         parts = [self.precision]
@@ -349,65 +353,91 @@ def short_error(err: BaseException, limit: int = 80) -> str:
 # one row
 
 
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to the row's precision (nothing for fp32)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def measure_training(model: nn.Module, net: nn.Module, v: Variant, args: argparse.Namespace, device: torch.device,
+                     row: Row) -> Tuple[List[float], float]:
+    """Time training steps of ``net`` (``model``, maybe compiled); returns ``(step seconds, FLOPs per image)``.
+
+    Optimizer state, scaler and batch die with this frame, so inference afterwards runs without them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=v.fused)
+    scaler = torch.amp.GradScaler(device.type) if v.precision == "fp16" else None
+    x = torch.randn(v.batch, 3, v.size, v.size, device=device).contiguous(memory_format=v.memory_format)
+    y = torch.randint(0, args.num_classes, (v.batch, v.size, v.size), device=device)
+
+    def train_step(step_net: nn.Module) -> None:
+        optimizer.zero_grad(set_to_none=True)  # first, as nnU-Net does: no stale grads during forward
+        with autocast(device, v.precision):
+            logits = step_net(x)
+            if logits.shape[-2:] != y.shape[-2:]:
+                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    # FLOPs of one eager step (compile does not change them); doubles as a first warm-up step.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        train_step(model)
+    synchronize(device)
+    if v.compile:
+        row.compile_s = time_calls(lambda: train_step(net), 1, device)[0]
+    time_calls(lambda: train_step(net), args.warmup, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # after compile and the eager FLOP step
+    times = time_calls(lambda: train_step(net), args.steps, device)
+    if device.type == "cuda":
+        row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+    optimizer.zero_grad(set_to_none=True)
+    return times, counter.get_total_flops() / v.batch
+
+
+def measure_inference(model: nn.Module, net: nn.Module, v: Variant, args: argparse.Namespace, device: torch.device,
+                      row: Row) -> None:
+    """Inference images/s of ``net`` (eval, no autograd, ``--infer-batch``) and its distance from fp32 ``model``."""
+    model.eval()
+    x = torch.randn(args.infer_batch, 3, v.size, v.size, device=device).contiguous(memory_format=v.memory_format)
+
+    def infer_step() -> torch.Tensor:
+        with torch.no_grad(), autocast(device, v.precision):
+            return net(x)
+
+    time_calls(infer_step, max(args.warmup, 1 if v.compile else 0), device)
+    row.infer_img_s = args.infer_batch / statistics.median(time_calls(infer_step, args.steps, device))
+    # Exactness: the variant (precision, compile, channels_last) against the plain fp32 eager model.
+    with torch.no_grad(), ieee_fp32_convolutions():
+        reference = model(x)
+    row.rel_err_vs_fp32 = relative_error(infer_step(), reference)
+
+
 def run_row(v: Variant, args: argparse.Namespace, device: torch.device, peak_flops: float, row: Row) -> None:
     """Build the row's model, measure it, fill ``row``; everything it allocates dies with this frame."""
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    memory_format = torch.channels_last if v.channels_last else torch.contiguous_format
     rss = RssPeak() if device.type == "cpu" else contextlib.nullcontext()
     with rss:
         with device:
             model = build_model(v, args)
-        model = model.to(device=device, memory_format=memory_format).train()
+        model = model.to(device=device, memory_format=v.memory_format).train()
         if v.grad_ckpt:
             model.set_grad_checkpointing(True)
-        params = [p for p in model.parameters() if p.requires_grad]
         row.params_total = sum(p.numel() for p in model.parameters())
-        row.params_trainable = sum(p.numel() for p in params)
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=v.fused)
-        scaler = torch.amp.GradScaler(device.type) if v.precision == "fp16" else None
-        dtype = AUTOCAST_DTYPES.get(v.precision)
-
-        def autocast() -> contextlib.AbstractContextManager:
-            return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-        x = torch.randn(v.batch, 3, v.size, v.size, device=device).contiguous(memory_format=memory_format)
-        y = torch.randint(0, args.num_classes, (v.batch, v.size, v.size), device=device)
-
-        def train_step(net: nn.Module) -> None:
-            optimizer.zero_grad(set_to_none=True)  # first, as nnU-Net does: no stale grads during forward
-            with autocast():
-                logits = net(x)
-                if logits.shape[-2:] != y.shape[-2:]:
-                    logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-                loss = F.cross_entropy(logits, y)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-
-        # FLOPs of one eager step (compile does not change them); doubles as a first warm-up step.
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            train_step(model)
-        synchronize(device)
-        flops_per_img = counter.get_total_flops() / v.batch
-
-        net = model
-        if v.compile:
-            net = torch.compile(model)
-            row.compile_s = time_calls(lambda: train_step(net), 1, device)[0]
-        time_calls(lambda: train_step(net), args.warmup, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)  # after compile and the eager FLOP step
-        times = time_calls(lambda: train_step(net), args.steps, device)
-        if device.type == "cuda":
-            row.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        row.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        net = torch.compile(model) if v.compile else model
+        times, flops_per_img = measure_training(model, net, v, args, device, row)
 
     if device.type == "cpu" and rss.growth_bytes is not None:
         row.peak_gib = rss.growth_bytes / 2**30
@@ -417,25 +447,8 @@ def run_row(v: Variant, args: argparse.Namespace, device: torch.device, peak_flo
     row.train_img_s = v.batch / step_s
     row.tflop_per_img = flops_per_img / 1e12
     row.pct_of_peak = 100 * flops_per_img * row.train_img_s / peak_flops
-
-    if args.skip_infer:
-        return
-    # Inference: eval mode, no autograd, its own batch size; gradients and optimizer state freed first.
-    optimizer.zero_grad(set_to_none=True)
-    del optimizer, scaler, x, y, params
-    model.eval()
-    xi = torch.randn(args.infer_batch, 3, v.size, v.size, device=device).contiguous(memory_format=memory_format)
-
-    def infer_step() -> torch.Tensor:
-        with torch.no_grad(), autocast():
-            return net(xi)
-
-    time_calls(infer_step, max(args.warmup, 1 if v.compile else 0), device)
-    row.infer_img_s = args.infer_batch / statistics.median(time_calls(infer_step, args.steps, device))
-    # Exactness: the variant (precision, compile, channels_last) against the plain fp32 eager model.
-    with torch.no_grad(), ieee_fp32_convolutions():
-        reference = model(xi)
-    row.rel_err_vs_fp32 = relative_error(infer_step(), reference)
+    if not args.skip_infer:
+        measure_inference(model, net, v, args, device, row)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +517,8 @@ def format_table(rows: List[Row]) -> str:
     body = [
         (r.variant.model, r.label, str(r.variant.size), str(r.variant.batch), fmt(r.train_ms, ".1f"),
          fmt(r.train_img_s, ".2f"), fmt(r.ratio_vs_hf_dpt, ".2f"), fmt(r.peak_gib, ".2f"), fmt(r.infer_img_s, ".2f"),
-         fmt(r.rel_err_vs_fp32, ".1e"), fmt(r.tflop_per_img, ".4g"), fmt(r.pct_of_peak, ".1f"), fmt(r.compile_s, ".1f"), r.note)
+         fmt(r.rel_err_vs_fp32, ".1e"), fmt(r.tflop_per_img, ".4g"), fmt(r.pct_of_peak, ".1f"), fmt(r.compile_s, ".1f"),
+         r.note)
         for r in rows
     ]
     widths = [max(len(c), *(len(line[i]) for line in body)) if body else len(c) for i, c in enumerate(TABLE_COLUMNS)]
@@ -572,9 +586,11 @@ def write_json(path: Path, env: dict, rows: List[Row]) -> None:
 
 def header_lines(env: dict, args: argparse.Namespace) -> List[str]:
     hf = HF_DPT_CONFIGS[args.hf_config]
-    hf_desc = {"large": "DPT-Large (ViT-L/16)", "small": "a ViT-S/16 sized DPT", "tiny": "a tiny test DPT"}[args.hf_config]
+    hf_desc = {"large": "DPT-Large (ViT-L/16)", "small": "a ViT-S/16 sized DPT", "tiny": "a tiny test DPT"}
+    hf_desc = hf_desc[args.hf_config]
     lines = [
-        f"Device: {env['device']} ({env['device_type']}, {env['cpu_threads']} CPU threads: {env['cpu_threads_reason']}) | torch "
+        f"Device: {env['device']} ({env['device_type']}, {env['cpu_threads']} CPU threads: "
+        f"{env['cpu_threads_reason']}) | torch "
         f"{env['versions']['torch']}, timm {env['versions']['timm']}, transformers {env['versions']['transformers']}",
         f"Matmul peak: {env['matmul_peak_tflop_s']:.3g} TFLOP/s ({env['matmul_peak_kind']}); '% of peak' = "
         f"TFLOP/img x train img/s over it",
@@ -584,9 +600,11 @@ def header_lines(env: dict, args: argparse.Namespace) -> List[str]:
         f"{hf['neck_hidden_sizes']}, fusion {hf['fusion_hidden_size']}, BN in fusion residual, no auxiliary head",
     ]
     if args.hf_config == "small":
-        lines.append("  (on CPU the HF baseline is a ViT-S-sized DPT, so the comparison with the ViT-S backbone is like for like)")
-    lines.append("Peak GiB: " + ("torch.cuda.max_memory_allocated over the timed training steps" if env["device_type"] == "cuda"
-                                 else "resident-set growth during the row's training (sampled; approximate)"))
+        lines.append("  (on CPU the HF baseline is a ViT-S-sized DPT, so the comparison with the ViT-S backbone is "
+                     "like for like)")
+    peak = ("torch.cuda.max_memory_allocated over the timed training steps" if env["device_type"] == "cuda"
+            else "resident-set growth during the row's training (sampled; approximate)")
+    lines.append(f"Peak GiB: {peak}")
     lines.append("Rel err: ||inference output - fp32 eager output|| / ||fp32 eager output||, same weights and input "
                  "(reference without TF32); the speed issue's bound is 1e-2")
     return lines
@@ -632,7 +650,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--infer-batch", type=int, default=None, help="inference batch size (default 16 GPU, 2 CPU)")
     parser.add_argument("--skip-infer", action="store_true",
                         help="no inference measurement (saves a second compile in --compile on rows)")
-    parser.add_argument("--matmul-size", type=int, default=None, help="n of the n^3 peak matmul (default 8192 GPU, 2048 CPU)")
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help="n of the n^3 peak matmul (default 8192 GPU, 2048 CPU)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (CPU mode default: 2, or 1 while other work keeps the cores busy)")
     parser.add_argument("--time-budget", type=float, default=None,
