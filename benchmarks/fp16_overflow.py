@@ -45,7 +45,8 @@ class CudnnLikeFp16Convolutions(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in CONVOLUTIONS and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16:
+        fp16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+        if func in CONVOLUTIONS and fp16_autocast:
             args = tuple(_fp16_rounded(a) for a in args)
             kwargs = {k: _fp16_rounded(v) for k, v in kwargs.items()}
             with torch.autocast("cpu", enabled=False):

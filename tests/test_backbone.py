@@ -177,7 +177,8 @@ def test_load_retfound_mae_checkpoint(sources, tmp_path, small_checkpoint_famili
     })
     path = tmp_path / "RETFound_mae_natureCFP.pth"
     # The pickled argparse namespace makes weights_only loading fail, as in the real RETFound files.
-    torch.save({"model": state_dict, "args": argparse.Namespace(model="mae_vit_large_patch16", norm_pix_loss=True)}, path)
+    args = argparse.Namespace(model="mae_vit_large_patch16", norm_pix_loss=True)
+    torch.save({"model": state_dict, "args": args}, path)
     with caplog.at_level(logging.INFO, logger=backbone_module.__name__):
         model = load("retfound", path)
     assert_loaded(model, sources["vit16"])
@@ -191,7 +192,8 @@ def test_load_visionfm_teacher_checkpoint(sources, tmp_path, small_checkpoint_fa
     teacher["module.head.last_layer.weight_g"] = torch.randn(65536, 1)
     student = {"module.backbone." + k: -v for k, v in sources["vit16"].items()}
     path = tmp_path / "VFM_Fundus_weights.pth"
-    torch.save({"student": student, "teacher": teacher, "epoch": 100, "args": argparse.Namespace(arch="vit_base")}, path)
+    args = argparse.Namespace(arch="vit_base")
+    torch.save({"student": student, "teacher": teacher, "epoch": 100, "args": args}, path)
     assert_loaded(load("visionfm", path), sources["vit16"])
 
 
@@ -268,7 +270,8 @@ def test_truncated_checkpoint_names_the_file(files, tmp_path):
 
 def test_garbage_checkpoint_names_the_file(tmp_path):
     path = tmp_path / "garbage.pth"
-    path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes())
+    noise = torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path.write_bytes(noise.numpy().tobytes())
     with pytest.raises(RuntimeError) as err:
         load("dinov3", path)
     assert str(path) in str(err.value)

@@ -35,11 +35,14 @@ BAD_CONFIGS = {
     "unknown lora key": (with_change("lora", "rank", 8), "unknown key 'lora.rank'"),
     "unknown train key": (with_change("train", "lr", 0.1), "unknown key 'train.lr'"),
     "unknown decoder option": (with_change("model", "decoder", {"fusion_size": 64}), "model.decoder.fusion_size"),
-    "decoder option of another decoder": (with_change("model", "decoder", {"pool_scales": [1, 2]}), "Valid decoder keys"),
+    "decoder option of another decoder": (
+        with_change("model", "decoder", {"pool_scales": [1, 2]}), "Valid decoder keys"),
     "missing model_path": ({"model": {"backbone": "dinov3"}}, "model.model_path' is required"),
     "model_path not importable": (with_change("model", "model_path", "nnunetv2.model.model_dtp"), "cannot be imported"),
-    "model_path without factory": (with_change("model", "model_path", "nnunetv2.model.backbone"), "no create_segmentation_model"),
-    "unknown backbone": (with_change("model", "backbone", "dinov4"), "Valid backbones: dinov3, dinov2, retfound, visionfm"),
+    "model_path without factory": (
+        with_change("model", "model_path", "nnunetv2.model.backbone"), "no create_segmentation_model"),
+    "unknown backbone": (
+        with_change("model", "backbone", "dinov4"), "Valid backbones: dinov3, dinov2, retfound, visionfm"),
     "unknown backbone size": (with_change("model", "backbone_size", "tiny"), "Valid sizes: small, small_plus"),
     "missing checkpoint file": (with_change("model", "checkpoint_path", "/nonexistent/weights.pth"), "does not exist"),
     "retfound without checkpoint": ({**GOOD, "model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "retfound",

@@ -68,7 +68,8 @@ def test_train_kill_resume_predict_evaluate(workspace, tmp_path):
     # Start training and kill it hard once the first periodic checkpoint exists.
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu"],
+        [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config),
+         "-device", "cpu"],
         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     latest = folder / "checkpoint_latest.pth"
@@ -118,7 +119,8 @@ def test_train_kill_resume_predict_evaluate(workspace, tmp_path):
                     "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"], upstream_env)
     assert upstream.returncode == 0, upstream.stderr[-3000:]
     for prediction in sorted(out.glob("*.png")):
-        assert np.array_equal(np.asarray(Image.open(prediction)), np.asarray(Image.open(upstream_out / prediction.name)))
+        upstream_prediction = upstream_out / prediction.name
+        assert np.array_equal(np.asarray(Image.open(prediction)), np.asarray(Image.open(upstream_prediction)))
 
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO

@@ -35,7 +35,9 @@ FIXED_KEYWORDS = [
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels",
 ]
 DECODER_KEYWORDS = {
-    model_dpt: ["fusion_hidden_size", "readout_type", "neck_hidden_sizes", "use_batch_norm_in_fusion_residual", "dropout"],
+    model_dpt: [
+        "fusion_hidden_size", "readout_type", "neck_hidden_sizes", "use_batch_norm_in_fusion_residual", "dropout",
+    ],
     model_upernet: ["hidden_size", "pool_scales", "pyramid_channels"],
     model_segformer: ["decoder_hidden_size", "pyramid_channels", "dropout"],
     model_primus: ["multi_scale"],
@@ -132,7 +134,8 @@ def test_every_trainable_parameter_gets_a_gradient(case):
     assert_all_trainable_have_grads(model)
 
 
-@pytest.mark.parametrize("variant,backbone", [("dpt", "dinov3"), ("upernet", "dinov2")], ids=["dpt-dinov3", "upernet-dinov2"])
+@pytest.mark.parametrize("variant,backbone", [("dpt", "dinov3"), ("upernet", "dinov2")],
+                         ids=["dpt-dinov3", "upernet-dinov2"])
 def test_grad_checkpointing_same_outputs_and_gradients(variant, backbone):
     """Checkpointing lives in the backbone (one decoder per backbone is enough; the LoRA tests run
     every model with it on): same outputs and gradients, block 0 recomputed in backward."""

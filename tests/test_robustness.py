@@ -109,7 +109,8 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
 ])
 def test_precision_choice(monkeypatch, device, bf16_gpu, requested, expected):
     """auto: bf16 where the GPU has it natively (pre-Ampere GPUs only emulate it, slowly), else fp16."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_gpu or including_emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: bf16_gpu or including_emulation)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     trainer = SimpleNamespace(device=torch.device(device))
     if expected.startswith("needs"):
@@ -258,7 +259,8 @@ def test_dataset_errors_write_nothing(nnunet_env, tmp_path, capsys):
 
 def test_upernet_batch_of_one_is_refused_before_training(nnunet_env):
     upernet = {**TINY_MODEL, "model_path": "nnunetv2.model.model_upernet", "decoder": {"hidden_size": 16}}
-    with pytest.raises(ConfigError, match="needs training batches of at least 2 .* gets 1 per step. Raise train.batch_size"):
+    expected = "needs training batches of at least 2 .* gets 1 per step. Raise train.batch_size"
+    with pytest.raises(ConfigError, match=expected):
         make_trainer(upernet, batch_size=1)
     without_global_pool = {**upernet, "decoder": {"hidden_size": 16, "pool_scales": [2, 3]}}
     trainer = make_trainer(without_global_pool, batch_size=1)
@@ -410,7 +412,8 @@ def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(
     result = run_ddp_command(config, "-tr", "nnUNetTrainer_vit_nanrank1", nnUNet_extTrainer=str(tmp_path / "trainers"))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
-    fold = tmp_path / "results" / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit_nanrank1__nnUNetPlans__2d" / "fold_0"
+    dataset_results = tmp_path / "results" / f"Dataset{DATASET_ID}_DemoFundus"
+    fold = dataset_results / "nnUNetTrainer_vit_nanrank1__nnUNetPlans__2d" / "fold_0"
     log = "".join(path.read_text() for path in fold.glob("training_log_*.txt"))
     assert "Skipped training step: loss is not finite on another DDP process (1 in a row" in log
     assert "precision: fp32, torch.compile: off" in log
@@ -462,5 +465,6 @@ def test_named_2d_configurations_keep_models_of_one_dataset_apart(nnunet_env, tm
         folder = results / f"Dataset{DATASET_ID}_DemoFundus" / f"nnUNetTrainer_vit__nnUNetPlans__{name}"
         assert (folder / "fold_0" / "checkpoint_final.pth").is_file()
         stored = load_json(str(folder / "plans.json"))["configurations"][name]
-        assert stored["inherits_from"] == "2d" and stored["vit_config"]["model"]["model_path"] == config["model"]["model_path"]
+        assert stored["inherits_from"] == "2d"
+        assert stored["vit_config"]["model"]["model_path"] == config["model"]["model_path"]
     assert len(list((tmp_path / "predictions").glob("*.png"))) == len(list((dataset / "imagesTs").glob("*.png")))

@@ -160,16 +160,19 @@ def create_backbone(
 
 def read_checkpoint(path: Path) -> dict:
     """Read a checkpoint file, naming the file when it is corrupt or truncated."""
+    def unreadable(err: Exception) -> BackboneWeightsError:
+        return BackboneWeightsError(f"Cannot read checkpoint file {path}: {err}. The file is corrupt or truncated.")
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as safe_err:
         if "Weights only load failed" not in str(safe_err):
-            raise BackboneWeightsError(f"Cannot read checkpoint file {path}: {safe_err}. The file is corrupt or truncated.") from safe_err
+            raise unreadable(safe_err) from safe_err
     # Research checkpoints (RETFound, VisionFM) pickle their argparse namespace next to the weights.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise BackboneWeightsError(f"Cannot read checkpoint file {path}: {err}. The file is corrupt or truncated.") from err
+        raise unreadable(err) from err
 
 
 def _unwrap_state_dict(checkpoint: dict, family: BackboneFamily) -> StateDict:

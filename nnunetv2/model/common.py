@@ -66,7 +66,8 @@ class ViTSegmentationModel(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.backbone, self.patch_size, self.backbone_model_name = create_backbone(
-            backbone_name, backbone_size, checkpoint_path=checkpoint_path, pretrained=pretrained, in_channels=in_channels
+            backbone_name, backbone_size, checkpoint_path=checkpoint_path, pretrained=pretrained,
+            in_channels=in_channels,
         )
         self.embed_dim: int = self.backbone.embed_dim
         self.feature_indices: List[int] = feature_indices_for_depth(len(self.backbone.blocks))

@@ -34,7 +34,8 @@ class UperNetSegmentationModel(ViTPyramidHeadModel):
         self.min_train_batch_size = 2 if 1 in pool_scales else 1
         pyramid_channels = self.add_pyramid(pyramid_channels)
         self.config = UperNetConfig(
-            hidden_size=hidden_size, pool_scales=list(pool_scales), num_labels=self.num_classes, use_auxiliary_head=False
+            hidden_size=hidden_size, pool_scales=list(pool_scales), num_labels=self.num_classes,
+            use_auxiliary_head=False,
         )
         self.head = UperNetHead(self.config, in_channels=pyramid_channels)
 

@@ -118,7 +118,8 @@ def _check_section(name: str, values: Any, source: str) -> Any:
                 f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})."
             )
         if (name, key) in CHOICES and value not in CHOICES[name, key]:
-            raise ConfigError(f"{source}: '{name}.{key}' must be one of {', '.join(CHOICES[name, key])}, got {value!r}.")
+            choices = ", ".join(CHOICES[name, key])
+            raise ConfigError(f"{source}: '{name}.{key}' must be one of {choices}, got {value!r}.")
         if (name, key) in POSITIVE and value is not None and value <= 0:
             raise ConfigError(f"{source}: '{name}.{key}' must be positive, got {value!r}.")
         if (name, key) in NON_NEGATIVE and value < 0:
@@ -172,7 +173,9 @@ def _check_model(model: ModelSection, source: str) -> None:
 def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any]]:
     """Check a parsed YAML mapping and return the resolved config (every key, defaults filled in)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}.")
+        raise ConfigError(
+            f"{source}: expected a mapping with sections {', '.join(SECTIONS)}, got {type(raw).__name__}."
+        )
     for name in raw:
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{name}'. Valid sections: {', '.join(SECTIONS)}.")
@@ -195,7 +198,8 @@ def resolve_config_path(path: Union[str, Path]) -> Path:
     builtin = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
     if builtin.is_file() and path.parent == Path("."):
         return builtin
-    raise ConfigError(f"Config file not found: {path}. Built-in configs: {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}.")
+    builtins = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"Config file not found: {path}. Built-in configs: {builtins}.")
 
 
 def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
@@ -208,7 +212,9 @@ def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
     return validate_config(raw, str(path))
 
 
-def model_kwargs(config: Dict[str, Dict[str, Any]], in_channels: int, num_classes: int, load_weights: bool) -> Dict[str, Any]:
+def model_kwargs(
+    config: Dict[str, Dict[str, Any]], in_channels: int, num_classes: int, load_weights: bool
+) -> Dict[str, Any]:
     """Keyword arguments for ``create_segmentation_model`` from a resolved config.
 
     ``load_weights=False`` builds the architecture only (prediction, resuming: the weights come

@@ -74,7 +74,8 @@ def check_model_and_inputs(argv: Sequence[str]) -> None:
     reader = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
     channels = reader.read_images(files)[0].shape[0]
     if channels != expected:
-        raise ConfigError(f"The model expects {expected} input channel(s) {list(dataset_json['channel_names'].values())}, "
+        names = list(dataset_json["channel_names"].values())
+        raise ConfigError(f"The model expects {expected} input channel(s) {names}, "
                           f"but case '{first_case}' in {args.i} has {channels}.")
 
 

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("configuration", help="nnU-Net configuration; ViT models are 2D, so '2d'")
     parser.add_argument("fold", help="Fold of the 5-fold cross-validation (0-4) or 'all'")
     parser.add_argument("--config", default=None,
-                        help="YAML model/training config (a path, or a built-in name such as 'dpt'). Required for a new "
-                             "training; --c and --val reuse the config stored with the results if left out.")
+                        help="YAML model/training config (a path, or a built-in name such as 'dpt'). Required for "
+                             "a new training; --c and --val reuse the config stored with the results if left out.")
     parser.add_argument("-tr", default="nnUNetTrainer_vit", help="Trainer class (default: nnUNetTrainer_vit)")
     parser.add_argument("-p", default="nnUNetPlans", help="Plans identifier (default: nnUNetPlans)")
     parser.add_argument("-pretrained_weights", default=None,
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--npz", action="store_true", help="Save softmax predictions of the final validation")
     parser.add_argument("--c", action="store_true", help="Continue training from the latest checkpoint")
     parser.add_argument("--val", action="store_true", help="Only run the validation (training must be finished)")
-    parser.add_argument("--val_best", action="store_true", help="Validate with checkpoint_best instead of checkpoint_final")
+    parser.add_argument("--val_best", action="store_true",
+                        help="Validate with checkpoint_best instead of checkpoint_final")
     parser.add_argument("--disable_checkpointing", action="store_true", help="Write no checkpoints")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
     return parser

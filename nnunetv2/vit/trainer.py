@@ -220,7 +220,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.grad_scaler.update()
             if self.grad_scaler.get_scale() < scale:
                 self.fp16_overflows += 1
-                self.print_to_log_file(f"fp16 gradient overflow: step skipped, loss scale now {self.grad_scaler.get_scale()}")
+                self.print_to_log_file(
+                    f"fp16 gradient overflow: step skipped, loss scale now {self.grad_scaler.get_scale()}"
+                )
         else:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
@@ -291,8 +293,10 @@ class nnUNetTrainer_vit(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
         """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own
         version fails on dicts), refusing checkpoints of a different model and naming unreadable files."""
-        name = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "checkpoint"
-        checkpoint = read_training_checkpoint(name) if isinstance(filename_or_checkpoint, str) else filename_or_checkpoint
+        if isinstance(filename_or_checkpoint, str):
+            name, checkpoint = filename_or_checkpoint, read_training_checkpoint(filename_or_checkpoint)
+        else:
+            name, checkpoint = "checkpoint", filename_or_checkpoint
         stored = stored_vit_config(checkpoint, self.configuration_name)
         if stored is not None and not same_model(stored, self.vit_config):
             raise ConfigError(f"{name} was trained with a different model ({describe_model(stored)}) than the config "
