@@ -14,6 +14,7 @@ import torch
 
 from nnunetv2.model import model_dpt, model_primus, model_segformer, model_upernet
 from nnunetv2.model.common import pad_to_multiple
+from nnunetv2.model.detail import DETAIL_STRIDES
 
 NUM_CLASSES = 3
 
@@ -24,6 +25,11 @@ VARIANTS = {
     "segformer": (model_segformer, {"decoder_hidden_size": 64}),
     "primus": (model_primus, {}),
     "primus_ms": (model_primus, {"multi_scale": True}),
+    # the same decoders ending in the high-resolution detail path
+    "dpt_detail": (model_dpt, {"fusion_hidden_size": 64, "detail_path": True}),
+    "upernet_detail": (model_upernet, {"hidden_size": 64, "detail_path": True}),
+    "segformer_detail": (model_segformer, {"decoder_hidden_size": 64, "detail_path": True}),
+    "primus_detail": (model_primus, {"detail_path": True, "detail_channels": [8, 16, 24]}),
 }
 BACKBONES = ("dinov3", "dinov2")
 PATCH = {"dinov3": 16, "dinov2": 14}
@@ -47,7 +53,7 @@ DECODER_KEYWORDS = {
 def build(variant: str, backbone: str, default_decoder: bool = False, **kwargs):
     module, decoder_kwargs = VARIANTS[variant]
     if default_decoder:
-        decoder_kwargs = {k: v for k, v in decoder_kwargs.items() if k == "multi_scale"}
+        decoder_kwargs = {k: v for k, v in decoder_kwargs.items() if k in ("multi_scale", "detail_path")}
     kwargs = {"num_classes": NUM_CLASSES, "pretrained": False, **decoder_kwargs, **kwargs}
     return module.create_segmentation_model(backbone, "small", **kwargs)
 
@@ -211,7 +217,7 @@ def test_factory_signature(module):
     params = inspect.signature(module.create_segmentation_model).parameters
     names = list(params)
     assert names[: len(FIXED_KEYWORDS)] == FIXED_KEYWORDS
-    assert names[len(FIXED_KEYWORDS):] == DECODER_KEYWORDS[module]
+    assert names[len(FIXED_KEYWORDS):] == DECODER_KEYWORDS[module] + ["detail_path", "detail_channels"]
     defaults = {name: params[name].default for name in FIXED_KEYWORDS[3:]}
     assert defaults == {
         "checkpoint_path": None, "freeze_backbone": False, "use_lora": False, "lora_rank": 8, "lora_alpha": 16.0,
@@ -235,8 +241,12 @@ def test_factory_accepts_positional_backbone_arguments():
         (model_upernet, {"pyramid_channels": [96, 192, 384]}),
         (model_segformer, {"pyramid_channels": [96, 192, 384, 384, 384]}),
         (model_primus, {"num_classes": 0}),
+        (model_dpt, {"detail_path": True, "detail_channels": [16, 32]}),
+        (model_upernet, {"detail_path": True, "detail_channels": [16, 0, 32]}),
+        (model_segformer, {"detail_channels": [16, 32, 64]}),
     ],
-    ids=["dpt-readout", "dpt-neck-sizes", "upernet-pyramid", "segformer-pyramid", "num-classes-0"],
+    ids=["dpt-readout", "dpt-neck-sizes", "upernet-pyramid", "segformer-pyramid", "num-classes-0",
+         "detail-two-levels", "detail-zero-width", "detail-channels-without-path"],
 )
 def test_bad_options_raise_value_error(module, kwargs):
     kwargs = {"num_classes": 2, "pretrained": False, **kwargs}
@@ -317,15 +327,17 @@ def test_lora_merge_keeps_outputs(variant, backbone):
             if "gamma" in name:
                 p.fill_(1.0)
     x = torch.randn(1, 3, 64, 48)
+    aligned = pad_to_multiple(x, model.patch_size * model.token_grid_multiple)
     with torch.no_grad():
-        out_lora = model(x)
+        out_lora, head_lora = model(x), model.decode_head(aligned)
         with model.backbone.disable_adapter():
-            out_base = model(x)
-    assert not torch.allclose(out_lora, out_base, atol=1e-3), "perturbed LoRA weights do not change the output"
+            head_base = model.decode_head(aligned)  # the decoder's output: logits, or the detail path's input
+    assert not torch.allclose(head_lora, head_base, atol=1e-3), "perturbed LoRA weights do not change the output"
 
     model.disable_lora()
     with torch.no_grad():
-        out_merged = model(x)
+        out_merged, head_merged = model(x), model.decode_head(aligned)
+    torch.testing.assert_close(head_merged, head_lora, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out_merged, out_lora, atol=1e-5, rtol=1e-4)
     assert not isinstance(model.backbone, PeftModel)
     assert model.vit is model.backbone
@@ -451,6 +463,39 @@ def test_classifier_is_the_only_layer_that_depends_on_num_classes(variant):
     other = five.state_dict()
     differing = sorted(k for k, v in three.state_dict().items() if other[k].shape != v.shape)
     assert differing == sorted(three.classifier_keys())
+
+
+@pytest.mark.parametrize("variant,backbone,join_stride", [
+    ("dpt", "dinov3", 2), ("dpt", "dinov2", 2), ("upernet", "dinov3", 4), ("upernet", "dinov2", 4),
+    ("segformer", "dinov3", 4), ("primus", "dinov3", 4), ("primus", "dinov2", 4),
+])
+def test_detail_path_joins_the_decoder_at_its_finest_grid(variant, backbone, join_stride):
+    """The detail path replaces the decoder's classifier and meets its features on the nearest grid: DPT's
+    fusion output is 1/2 of the image, the pyramid decoders' finest level 1/4, Primus's tokens go to 1/4."""
+    plain, detail = build(variant, backbone), build(f"{variant}_detail", backbone)
+    assert plain.detail is None and detail.detail is not None
+    assert DETAIL_STRIDES[detail.detail.join_level] == join_stride
+    assert detail.classifier is detail.detail.classifier
+    assert not any(name.startswith("detail.") for name, _ in plain.named_parameters())
+    assert plain.classifier is not detail.classifier and not any(  # the decoder's own classifier is gone
+        name.startswith(("head.head.4", "head.classifier", "decoder.")) for name, _ in detail.named_parameters())
+
+
+@pytest.mark.parametrize("variant", ["dpt", "upernet", "primus"])
+def test_detail_path_sees_single_pixels(variant):
+    """A one-pixel change of the input moves the detail-path logits at that pixel far more than 4 pixels away;
+    the plain decoder, which sees the image only through 16-pixel patches, cannot tell the two apart."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    bumped = x.clone()
+    bumped[..., 33, 33] += 10.0
+    spread = {}
+    for name in (variant, f"{variant}_detail"):
+        model = build(name, "dinov3").eval()
+        with torch.no_grad():
+            change = (model(bumped) - model(x)).abs().sum(1)[0]
+        spread[name] = (change[33, 33] / change[33, 37]).item()  # the bumped pixel vs 4 px away, same patch
+    assert spread[f"{variant}_detail"] > 4.0 > 2.0 > spread[variant], spread
 
 
 # ------------------------------------------------------------------------------ torch.compile

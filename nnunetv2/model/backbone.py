@@ -20,6 +20,8 @@ from timm.models import adapt_input_conv
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
+from nnunetv2.model.checkpoint_io import CorruptCheckpointError, read_checkpoint
+
 _logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
@@ -114,11 +116,13 @@ def create_backbone(
     checkpoint_path: Optional[Union[str, Path]] = None,
     pretrained: bool = True,
     in_channels: int = 3,
+    trust_checkpoint: bool = False,
 ) -> Tuple[nn.Module, int, str]:
     """Build a timm ViT backbone without classifier head and load its weights.
 
     Weights come from ``checkpoint_path`` if given (any family), else from timm's pretrained tag
-    (dinov3, dinov2) when ``pretrained`` is true. Returns ``(module, patch_size, timm_model_name)``.
+    (dinov3, dinov2) when ``pretrained`` is true. ``trust_checkpoint`` loads that file as a full pickle
+    (it can run code; see ``checkpoint_io``). Returns ``(module, patch_size, timm_model_name)``.
     """
     family = get_family(model_name, model_size)
     timm_name = family.timm_name.format(size=model_size)
@@ -131,7 +135,7 @@ def create_backbone(
                 f"Backbone checkpoint not found: {checkpoint_path}. Fix model.checkpoint_path in the config."
             )
         model = timm.create_model(timm_name, pretrained=False, **kwargs)
-        load_backbone_checkpoint(model, checkpoint_path, family, in_channels)
+        load_backbone_checkpoint(model, checkpoint_path, family, in_channels, trust_checkpoint)
     elif pretrained and family.pretrained_tag is None:
         raise BackboneWeightsError(
             f"Backbone '{model_name}' has no public download: set model.checkpoint_path to your {model_name} "
@@ -158,23 +162,6 @@ def create_backbone(
     return model, family.patch_size, timm_name
 
 
-def read_checkpoint(path: Path) -> dict:
-    """Read a checkpoint file, naming the file when it is corrupt or truncated."""
-    def unreadable(err: Exception) -> BackboneWeightsError:
-        return BackboneWeightsError(f"Cannot read checkpoint file {path}: {err}. The file is corrupt or truncated.")
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_err:
-        if "Weights only load failed" not in str(safe_err):
-            raise unreadable(safe_err) from safe_err
-    # Research checkpoints (RETFound, VisionFM) pickle their argparse namespace next to the weights.
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise unreadable(err) from err
-
-
 def _unwrap_state_dict(checkpoint: dict, family: BackboneFamily) -> StateDict:
     """Take the backbone weights out of the checkpoint formats users have, keys in timm naming."""
     state_dict = checkpoint
@@ -195,13 +182,19 @@ def _unwrap_state_dict(checkpoint: dict, family: BackboneFamily) -> StateDict:
     return out
 
 
-def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamily, in_channels: int = 3) -> None:
+def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamily, in_channels: int = 3,
+                             trust: bool = False) -> None:
     """Load a local checkpoint into a timm backbone, reporting matched/missing/unexpected tensors.
 
-    Format glue this repository adds (wrapper dicts, DDP/DINO prefixes, pretraining-only keys) runs
-    first; timm's own filter then converts layouts it knows (Meta DINOv3 originals, pos-embed size).
+    The file is read as data (``checkpoint_io``) unless ``trust``. Format glue this repository adds
+    (wrapper dicts, DDP/DINO prefixes, pretraining-only keys) runs first; timm's own filter then converts
+    layouts it knows (Meta DINOv3 originals, pos-embed size).
     """
-    state_dict = _unwrap_state_dict(read_checkpoint(path), family)
+    try:
+        checkpoint = read_checkpoint(path, trust=trust, opt_in="set model.trust_checkpoint: true in the config")
+    except CorruptCheckpointError as err:
+        raise BackboneWeightsError(str(err)) from err
+    state_dict = _unwrap_state_dict(checkpoint, family)
     try:
         state_dict = family.checkpoint_filter(state_dict, model)
     except Exception as err:  # timm's filters assume their own family's layout (e.g. a pos_embed)

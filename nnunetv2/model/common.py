@@ -1,7 +1,8 @@
-"""What every ViT segmentation model shares: backbone set-up, padding/cropping, LoRA, summaries.
+"""What every ViT segmentation model shares: backbone set-up, padding/cropping, detail path, LoRA, summaries.
 
-Decoder files subclass ``ViTSegmentationModel``, build their decoder after ``super().__init__`` and
-implement ``decode``; ``make_factory`` turns the class into the module's
+Decoder files subclass ``ViTSegmentationModel``, build their decoder after ``super().__init__``
+(ending it with ``add_detail_path`` when ``self.detail_channels`` is set) and implement
+``decode_head`` and ``decoder_classifier``; ``make_factory`` turns the class into the module's
 ``create_segmentation_model`` whose signature lists every accepted keyword (configs are validated
 against it).
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import typing
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -17,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunetv2.model.backbone import ProgressiveUpsampler, create_backbone, feature_indices_for_depth, get_vit_features
+from nnunetv2.model.detail import DEFAULT_DETAIL_CHANNELS, DetailPath
 
 _logger = logging.getLogger(__name__)
 
@@ -60,14 +63,26 @@ class ViTSegmentationModel(nn.Module):
         lora_target_modules: Optional[Sequence[str]] = None,
         pretrained: bool = True,
         in_channels: int = 3,
+        trust_checkpoint: bool = False,
+        *,
+        detail_path: bool = False,
+        detail_channels: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if detail_channels is not None and not detail_path:
+            raise ValueError("detail_channels is set but detail_path is off: set detail_path: true, or drop it")
         self.num_classes = num_classes
+        self.in_channels = in_channels
+        # Set when the decoder is to end in a DetailPath; the subclass then calls add_detail_path.
+        self.detail_channels: Optional[List[int]] = (
+            list(detail_channels or DEFAULT_DETAIL_CHANNELS) if detail_path else None
+        )
+        self.detail: Optional[DetailPath] = None
         self.backbone, self.patch_size, self.backbone_model_name = create_backbone(
             backbone_name, backbone_size, checkpoint_path=checkpoint_path, pretrained=pretrained,
-            in_channels=in_channels,
+            in_channels=in_channels, trust_checkpoint=trust_checkpoint,
         )
         self.embed_dim: int = self.backbone.embed_dim
         self.feature_indices: List[int] = feature_indices_for_depth(len(self.backbone.blocks))
@@ -76,15 +91,32 @@ class ViTSegmentationModel(nn.Module):
         if use_lora:
             self.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits on a grid aligned with ``x`` (any multiple of its size); ``x`` is patch-aligned."""
+    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's output for the patch-aligned ``x``: logits on a grid aligned with ``x`` (any
+        multiple of its size) or, with the detail path, the last features before the classifier."""
         raise NotImplementedError
+
+    @property
+    def decoder_classifier(self) -> nn.Module:
+        """The decoder's layers whose shapes depend on ``num_classes`` (without the detail path)."""
+        raise NotImplementedError
+
+    def add_detail_path(self, decoder_channels: int, decoder_stride: float) -> None:
+        """End the decoder in a ``DetailPath`` that fuses its features (``decoder_channels`` maps,
+        ``decoder_stride`` times coarser than the input) with image detail into full-resolution logits."""
+        self.detail = DetailPath(self.in_channels, decoder_channels, decoder_stride, self.num_classes,
+                                 self.detail_channels)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits on a grid aligned with the patch-aligned ``x``."""
+        out = self.decode_head(x)
+        return out if self.detail is None else self.detail(x, out)
 
     @property
     def classifier(self) -> nn.Module:
         """The layers whose shapes depend on ``num_classes`` (usually the last one): not transferred between
         datasets by ``-pretrained_weights``, like nnU-Net's seg layers."""
-        raise NotImplementedError
+        return self.detail.classifier if self.detail is not None else self.decoder_classifier
 
     def classifier_keys(self) -> List[str]:
         """State-dict keys of ``classifier``."""
@@ -105,6 +137,23 @@ class ViTSegmentationModel(nn.Module):
         from peft import PeftModel
 
         return self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
+
+    def compile_regions(self, **compile_kwargs) -> List[str]:
+        """``torch.compile`` each transformer block and each decoder part in place; returns the region names.
+
+        Regional compilation: the blocks of a ViT run the same code, so dynamo traces and optimises one
+        block and every other block reuses that graph (ViT-L's first step compiles 1 block, not 24).
+        The decoder's parts (neck, head, pyramid, detail path) are regions of their own; the glue between
+        them (patch embedding, padding, cropping) runs eagerly. Module names and state-dict keys stay.
+        """
+        for block in self.vit.blocks:
+            block.compile(**compile_kwargs)
+        regions = [f"backbone blocks (1 graph for {len(self.vit.blocks)})"]
+        for name, child in self.named_children():
+            if name != "backbone":
+                child.compile(**compile_kwargs)
+                regions.append(name)
+        return regions
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute backbone activations in backward: much less memory, about 30% slower steps."""
@@ -171,20 +220,25 @@ def make_factory(model_cls: type) -> Callable[..., ViTSegmentationModel]:
     """Module-level ``create_segmentation_model`` for a model class.
 
     Its signature is the union of the backbone keywords (positional too, base class) and the
-    decoder options (keyword only, subclass), so ``inspect.signature`` tells config validation
-    exactly which ``model.decoder`` keys exist.
+    decoder options (keyword only: the base class's detail path and the subclass's), so
+    ``inspect.signature`` tells config validation exactly which ``model.decoder`` keys exist.
     """
-    params: Dict[str, inspect.Parameter] = {}
-    for klass in reversed(model_cls.__mro__):
+    positional: List[inspect.Parameter] = []
+    keyword_only: List[inspect.Parameter] = []  # the most derived class's first: a decoder's own options lead
+    for klass in model_cls.__mro__:
         if not (isinstance(klass, type) and issubclass(klass, ViTSegmentationModel)) or "__init__" not in vars(klass):
             continue
+        hints = typing.get_type_hints(klass.__init__)  # real types, not the strings of postponed annotations
         for param in list(inspect.signature(klass.__init__).parameters.values())[1:]:
             if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
                 continue
-            kind = param.POSITIONAL_OR_KEYWORD if klass is ViTSegmentationModel else param.KEYWORD_ONLY
-            params[param.name] = param.replace(kind=kind)
+            param = param.replace(annotation=hints.get(param.name, param.annotation))
+            if klass is ViTSegmentationModel and param.kind != param.KEYWORD_ONLY:
+                positional.append(param.replace(kind=param.POSITIONAL_OR_KEYWORD))
+            else:
+                keyword_only.append(param.replace(kind=param.KEYWORD_ONLY))
 
-    signature = inspect.Signature(list(params.values()), return_annotation=model_cls)
+    signature = inspect.Signature(positional + keyword_only, return_annotation=model_cls)
 
     def create_segmentation_model(*args, **kwargs) -> ViTSegmentationModel:
         return model_cls(**signature.bind(*args, **kwargs).arguments)
@@ -235,9 +289,17 @@ class ViTPyramidHeadModel(ViTSegmentationModel):
         self.pyramid = ViTFeaturePyramid(self.embed_dim, channels)
         return channels
 
+    def add_head(self, head: nn.Module, hidden_size: int) -> None:
+        """Set ``self.head``, whose last layer is ``head.classifier`` after ``hidden_size`` channels at the
+        finest (1/4) level; with the detail path that classifier gives way to the path's."""
+        self.head = head
+        if self.detail_channels is not None:
+            self.head.classifier = nn.Identity()
+            self.add_detail_path(hidden_size, decoder_stride=self.patch_size / 4)
+
     @property
-    def classifier(self) -> nn.Module:
+    def decoder_classifier(self) -> nn.Module:
         return self.head.classifier
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))

@@ -61,12 +61,17 @@ class DPTSegmentationModel(ViTSegmentationModel):
         self.head = DPTSemanticSegmentationHead(self.config)
         # The first fusion layer has no residual input, so its residual unit would never get a gradient.
         del self.neck.fusion_stage.layers[0].residual_layer1
+        if self.detail_channels is not None:
+            # HF's head is conv, BN, ReLU, dropout, 1x1 conv to the classes, x2 upsample: keep its features
+            # (fusion_hidden_size maps on the fusion stage's grid, 8x the token grid), classify in the detail path.
+            self.head.head = self.head.head[:4]
+            self.add_detail_path(fusion_hidden_size, decoder_stride=self.patch_size / 8)
 
     @property
-    def classifier(self) -> nn.Module:
-        return self.head.head[4]  # HF's head: conv, BN, ReLU, dropout, 1x1 conv to the classes, upsample
+    def decoder_classifier(self) -> nn.Module:
+        return self.head.head[4]
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens, cls_tokens = get_vit_features(self.backbone, x, self.feature_indices, return_cls=True, output_fmt="NLC")
         hidden_states: List[torch.Tensor] = [

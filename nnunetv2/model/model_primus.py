@@ -30,20 +30,24 @@ class PrimusSegmentationModel(ViTSegmentationModel):
             self.fuse = nn.Sequential(
                 nn.Conv2d(4 * self.embed_dim, self.embed_dim, kernel_size=1), LayerNormNd(self.embed_dim), nn.GELU()
             )
-        decode_stride = 1 << (self.patch_size - 1).bit_length()
-        # PatchDecode is written for 3D; a singleton third axis with stride 1 makes it 2D.
-        self.decoder = PatchDecode((decode_stride, decode_stride, 1), self.embed_dim, self.num_classes)
+        if self.detail_channels is not None:
+            # The detail path decodes the token map itself, in place of PatchDecode.
+            self.add_detail_path(self.embed_dim, decoder_stride=self.patch_size)
+        else:
+            decode_stride = 1 << (self.patch_size - 1).bit_length()
+            # PatchDecode is written for 3D; a singleton third axis with stride 1 makes it 2D.
+            self.decoder = PatchDecode((decode_stride, decode_stride, 1), self.embed_dim, self.num_classes)
 
     @property
-    def classifier(self) -> nn.Module:
+    def decoder_classifier(self) -> nn.Module:
         return self.decoder  # PatchDecode derives every layer's width from num_classes
 
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
         if self.multi_scale:
             tokens = self.fuse(torch.cat(get_vit_features(self.backbone, x, self.feature_indices), dim=1))
         else:
             tokens = get_vit_features(self.backbone, x, self.feature_indices[-1:])[0]
-        return self.decoder(tokens[..., None])[..., 0]
+        return tokens if self.detail is not None else self.decoder(tokens[..., None])[..., 0]
 
 
 create_segmentation_model = make_factory(PrimusSegmentationModel)

@@ -38,7 +38,7 @@ class SegFormerSegmentationModel(ViTPyramidHeadModel):
             classifier_dropout_prob=dropout,
             num_labels=self.num_classes,
         )
-        self.head = SegformerDecodeHead(self.config)
+        self.add_head(SegformerDecodeHead(self.config), decoder_hidden_size)
 
 
 create_segmentation_model = make_factory(SegFormerSegmentationModel)

@@ -37,7 +37,7 @@ class UperNetSegmentationModel(ViTPyramidHeadModel):
             hidden_size=hidden_size, pool_scales=list(pool_scales), num_labels=self.num_classes,
             use_auxiliary_head=False,
         )
-        self.head = UperNetHead(self.config, in_channels=pyramid_channels)
+        self.add_head(UperNetHead(self.config, in_channels=pyramid_channels), hidden_size)
 
 
 create_segmentation_model = make_factory(UperNetSegmentationModel)

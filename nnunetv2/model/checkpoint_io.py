@@ -1,0 +1,86 @@
+"""Checkpoint files read as data: nothing in a file runs code unless the user trusts that file.
+
+``torch.load(weights_only=False)`` unpickles whatever a file holds, and an unpickled object can run any
+code; backbone weights come from the internet and trained models from colleagues or model zoos.
+``read_checkpoint`` loads with ``weights_only=True`` (tensors, containers, numbers, strings) plus the
+few plain objects that real checkpoints hold (``SAFE_GLOBALS``). Anything else is refused with an
+error naming the file, the object and how to opt in for a trusted file; the opt-in is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import re
+from pathlib import Path
+from typing import Any, List, Union
+
+import numpy as np
+import torch
+
+_logger = logging.getLogger(__name__)
+
+
+def _numpy_globals() -> List[Any]:
+    """numpy scalars and dtypes, under the module names numpy 1 (``numpy.core``) and 2 (``numpy._core``) pickle."""
+    try:
+        from numpy._core.multiarray import scalar  # numpy 2
+    except ImportError:
+        from numpy.core.multiarray import scalar  # numpy 1
+    dtypes = sorted({type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"}, key=lambda t: t.__name__)
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
+
+
+# What real checkpoints hold besides tensors and plain containers, and where each comes from:
+SAFE_GLOBALS: List[Any] = [
+    # RETFound (MAE's save_model) and VisionFM (DINO / iBOT's save_on_master) store their training arguments.
+    argparse.Namespace,
+    # nnU-Net's checkpoints: its logger records losses and Dice as numpy floats ("logging", "_best_ema").
+    *_numpy_globals(),
+]
+
+
+class UntrustedCheckpointError(Exception):
+    """A checkpoint file holds objects beyond plain data; loading it could run code."""
+
+
+class CorruptCheckpointError(Exception):
+    """A checkpoint file cannot be read at all: corrupt or truncated."""
+
+
+def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "", mmap: bool = False) -> Any:
+    """Load a checkpoint on the CPU as data; with ``trust`` (the user's word for this file) as a full pickle.
+
+    ``opt_in`` tells the user how to trust the file (e.g. "set model.trust_checkpoint: true"). Raises
+    ``UntrustedCheckpointError`` or ``CorruptCheckpointError`` with one-line messages naming the file.
+    """
+    if trust:
+        _logger.warning("Loading %s as a full pickle (trusted by the user): it can run code.", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # a pickle can fail in any way; all mean the same to the user
+            raise _corrupt(path, err) from err
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found is None:
+            raise _corrupt(path, err) from err
+        raise UntrustedCheckpointError(
+            f"Checkpoint {path} holds the Python object '{found.group(1)}', which is not plain data: loading it "
+            f"could run code. If you trust this file, {opt_in or 'load it with trust'}.") from None
+    except FileNotFoundError:
+        raise
+    except OSError as err:  # permissions, a vanished share: the system's own words
+        raise CorruptCheckpointError(f"Cannot read checkpoint {path}: {err}") from err
+    except Exception as err:  # unpickling garbage fails in any way (IndexError, KeyError, ...): all mean the same
+        raise _corrupt(path, err) from err
+
+
+def _corrupt(path: Union[str, Path], err: Exception) -> CorruptCheckpointError:
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return CorruptCheckpointError(f"Cannot read checkpoint {path}: {reason}. The file is corrupt or truncated.")
