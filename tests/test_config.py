@@ -59,6 +59,12 @@ BAD_CONFIGS = {
     "bool as string": (with_change("lora", "enabled", "yes"), "'lora.enabled' must be bool"),
     "target_modules not a list": (with_change("lora", "target_modules", "qkv"), "'lora.target_modules' must be"),
     "not a mapping": ([1, 2, 3], "expected a mapping"),
+    "decoder width as string": (with_change("model", "decoder", {"fusion_hidden_size": "64"}),
+                                "'model.decoder.fusion_hidden_size' must be int, got '64' (str)"),
+    "detail_path as string": (with_change("model", "decoder", {"detail_path": "yes"}),
+                              "'model.decoder.detail_path' must be bool, got 'yes'"),
+    "detail_channels of floats": (with_change("model", "decoder", {"detail_path": True, "detail_channels": [8.5]}),
+                                  "'model.decoder.detail_channels' must be"),
 }
 
 

@@ -8,6 +8,7 @@ filled in) is what travels with a trained model in its plans.json and checkpoint
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import importlib
 import inspect
@@ -25,7 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The keywords every model factory takes (the model contract); all its other keywords are decoder options.
 FACTORY_KEYWORDS = (
     "backbone_name", "backbone_size", "num_classes", "checkpoint_path", "freeze_backbone", "use_lora", "lora_rank",
-    "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels",
+    "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels", "trust_checkpoint",
 )
 
 
@@ -36,6 +37,7 @@ class ModelSection:
     backbone_size: str = "large"
     checkpoint_path: Optional[str] = None
     pretrained: bool = True
+    trust_checkpoint: bool = False  # load checkpoint_path as a full pickle: only for files whose source you trust
     decoder: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,7 +91,7 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, List):
+    if origin in (list, List, collections.abc.Sequence):  # YAML gives lists for both
         return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
     if origin in (dict, Dict):
         return isinstance(value, dict)
@@ -161,13 +163,18 @@ def _check_model(model: ModelSection, source: str) -> None:
             f"checkpoint file, or model.pretrained: false to start from random weights."
         )
     factory = import_model_module(model.model_path, source).create_segmentation_model
-    decoder_keys = [k for k in inspect.signature(factory).parameters if k not in FACTORY_KEYWORDS]
-    for key in model.decoder:
-        if key not in decoder_keys:
+    options = {k: p for k, p in inspect.signature(factory).parameters.items() if k not in FACTORY_KEYWORDS}
+    for key, value in model.decoder.items():
+        if key not in options:
             raise ConfigError(
                 f"{source}: unknown key 'model.decoder.{key}' for {model.model_path}. "
-                f"Valid decoder keys: {', '.join(decoder_keys) or '(none)'}."
+                f"Valid decoder keys: {', '.join(options) or '(none)'}."
             )
+        annotation = options[key].annotation
+        if annotation is not inspect.Parameter.empty and not isinstance(annotation, str) \
+                and not _type_ok(value, annotation):
+            raise ConfigError(f"{source}: 'model.decoder.{key}' must be {_type_name(annotation)}, "
+                              f"got {value!r} ({type(value).__name__}).")
 
 
 def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any]]:
@@ -227,6 +234,7 @@ def model_kwargs(
         num_classes=num_classes,
         checkpoint_path=model["checkpoint_path"] if load_weights else None,
         pretrained=model["pretrained"] and load_weights,
+        trust_checkpoint=model.get("trust_checkpoint", False) and load_weights,  # configs stored before it existed
         in_channels=in_channels,
         use_lora=lora["enabled"],
         lora_rank=lora["r"],
