@@ -62,16 +62,17 @@ def count_skips(log_text: str) -> Dict[str, Any]:
         counts = per_epoch.setdefault(epoch, {"fp16_overflows": 0, "nonfinite_loss_skips": 0})
         if match := re.search(r"Epoch (\d+)\s*$", line):
             epoch = int(match.group(1))
-        elif match := re.search(r"fp16 gradient overflow: step skipped, loss scale now ([\d.e+]+)", line):
-            counts["fp16_overflows"] += 1
-            scales.append(float(match.group(1)))
-        elif "Skipped training step" in line:
-            counts["nonfinite_loss_skips"] += 1
+        elif match := re.search(r"Skipped training steps in this epoch: (\d+) with a non-finite loss or gradient, "
+                                r"(\d+) fp16 gradient overflows(?: \(loss scale now ([\d.e+]+)\))?", line):
+            counts["nonfinite_loss_skips"] += int(match.group(1))
+            counts["fp16_overflows"] += int(match.group(2))
+            if match.group(3):
+                scales.append(float(match.group(3)))
     return {
         "fp16_overflows": sum(e["fp16_overflows"] for e in per_epoch.values()),
         "nonfinite_loss_skips": sum(e["nonfinite_loss_skips"] for e in per_epoch.values()),
         "per_epoch": per_epoch,
-        "loss_scale_after_each_overflow": scales,
+        "loss_scale_after_each_epoch": scales,
     }
 
 
@@ -109,7 +110,7 @@ def main() -> None:
     print(f"\nfp16 on the demo ({result['device']}): {counts['fp16_overflows']} of {steps} steps skipped by "
           f"GradScaler (gradient overflow), {counts['nonfinite_loss_skips']} skipped for a non-finite loss.")
     print(f"per epoch: {counts['per_epoch']}")
-    print(f"loss scale after each overflow: {counts['loss_scale_after_each_overflow']}")
+    print(f"loss scale after each epoch with a skipped step: {counts['loss_scale_after_each_epoch']}")
     print(f"written: {output / 'fp16_overflow.json'}")
 
 

@@ -45,3 +45,20 @@ def workspace(tmp_path_factory):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return root, env, dataset
+
+
+@pytest.fixture
+def nnunet_env(workspace, tmp_path, monkeypatch):
+    """The session's preprocessed dataset, with a fresh results folder per test."""
+    root, env, dataset = workspace
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        monkeypatch.setenv(var, env[var])
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    return root, dataset, tmp_path / "results"
+
+
+@pytest.fixture
+def cpu_command():
+    """For tests that run a command in-process with -device cpu, which takes every core: give them back."""
+    yield
+    torch.set_num_threads(1)

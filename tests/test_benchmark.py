@@ -72,11 +72,12 @@ def test_cudnn_like_fp16_convolutions_match_native_cpu_fp16(conv):
 
 def test_fp16_overflow_counts_the_trainers_log_lines():
     log = ("2026-11-26 08:00:00: Epoch 0 \n"
-           "2026-11-26 08:00:01: fp16 gradient overflow: step skipped, loss scale now 32768.0 \n"
-           "2026-11-26 08:00:02: fp16 gradient overflow: step skipped, loss scale now 16384.0 \n"
+           "2026-11-26 08:00:01: Skipped training steps in this epoch: 0 with a non-finite loss or gradient, 2 fp16 "
+           "gradient overflows (loss scale now 16384.0). They changed nothing. So far: 0 and 2. \n"
            "2026-11-26 08:00:03: Epoch 1 \n"
-           "2026-11-26 08:00:04: Skipped training step: loss is nan (1 in a row, limit 25) \n")
+           "2026-11-26 08:00:04: Skipped training steps in this epoch: 1 with a non-finite loss or gradient, 0 fp16 "
+           "gradient overflows (loss scale now 16384.0). They changed nothing. So far: 1 and 2. \n")
     counts = fp16_overflow.count_skips(log)
     assert counts["fp16_overflows"] == 2 and counts["nonfinite_loss_skips"] == 1
     assert counts["per_epoch"][1] == {"fp16_overflows": 0, "nonfinite_loss_skips": 1}
-    assert counts["loss_scale_after_each_overflow"] == [32768.0, 16384.0]
+    assert counts["loss_scale_after_each_epoch"] == [16384.0, 16384.0]

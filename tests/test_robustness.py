@@ -4,9 +4,11 @@ bad datasets and inputs, and DDP gradient synchronisation."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import types
 from types import SimpleNamespace
 from typing import Optional
 
@@ -19,7 +21,7 @@ import yaml
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from PIL import Image
 
-from benchmarks.fp16_overflow import count_skips
+from benchmarks import fp16_overflow
 from conftest import DATASET_ID, REPO
 from nnunetv2.vit import cli
 from nnunetv2.vit import predict as predict_cli
@@ -32,16 +34,6 @@ pytestmark = pytest.mark.slow
 
 TINY_MODEL = {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
               "pretrained": False, "decoder": {"fusion_hidden_size": 16, "neck_hidden_sizes": [16, 16, 16, 16]}}
-
-
-@pytest.fixture
-def nnunet_env(workspace, tmp_path, monkeypatch):
-    """The session's preprocessed dataset, with a fresh results folder per test."""
-    root, env, dataset = workspace
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
-        monkeypatch.setenv(var, env[var])
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    return root, dataset, tmp_path / "results"
 
 
 def make_trainer(model: dict = TINY_MODEL, lora: Optional[dict] = None, **train) -> nnUNetTrainer_vit:
@@ -57,13 +49,6 @@ def batch(trainer: nnUNetTrainer_vit, value: float = 0.0) -> dict:
     size = trainer.configuration_manager.patch_size
     data = torch.full((trainer.batch_size, trainer.num_input_channels, *size), value)
     return {"data": data, "target": torch.randint(0, 3, (trainer.batch_size, 1, *size)).float()}
-
-
-@pytest.fixture
-def cpu_command():
-    """For tests that run a command in-process with -device cpu, which takes every core: give them back."""
-    yield
-    torch.set_num_threads(1)
 
 
 def run_ddp_command(config, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -84,22 +69,84 @@ def run_cli(main, argv, capsys) -> tuple[int, str]:
 def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
     trainer = make_trainer(max_nonfinite_steps=3, optimizer="adamw", initial_lr=1e-3)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-
-    for _ in range(2):
-        assert np.isnan(trainer.train_step(batch(trainer, float("nan")))["loss"])
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(batch(trainer, float("nan"))) for _ in range(2)]
+    assert all(torch.isnan(output["loss"]) for output in outputs)
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
     assert not changed, f"a NaN step changed {changed[:5]}"
-    assert np.isfinite(trainer.train_step(batch(trainer))["loss"])  # a good step resets the streak
-    assert trainer.nonfinite_streak == 0
-    for _ in range(2):
-        trainer.train_step(batch(trainer, float("inf")))
-    with pytest.raises(FloatingPointError, match="3 consecutive steps.*last good checkpoint"):
-        trainer.train_step(batch(trainer, float("nan")))
-    log = open(trainer.log_file).read()
-    assert log.count("Skipped training step") == 5
+    assert not trainer.optimizer.state[next(iter(trainer.optimizer.state))]["step"]  # AdamW never stepped
+    outputs.append(trainer.train_step(batch(trainer)))  # a good step: it changes the weights, resets the run
+    assert torch.isfinite(outputs[-1]["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    outputs += [trainer.train_step(batch(trainer, float("inf"))) for _ in range(2)]
+    trainer.on_train_epoch_end(outputs)  # 4 skipped, at most 2 in a row: training goes on
+    assert trainer.logger.get_value("train_losses", step=-1) == pytest.approx(float(outputs[2]["loss"]))
+    assert trainer.nonfinite_total == 4
 
-    trainer.on_train_epoch_end([{"loss": np.array(1.0)}, {"loss": np.array(np.nan)}, {"loss": np.array(3.0)}])
-    assert trainer.logger.get_value("train_losses", step=-1) == 2.0
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(batch(trainer, float("nan")))]  # the third in a row, across the epoch boundary
+    with pytest.raises(FloatingPointError, match="3 consecutive steps.*last good checkpoint"):
+        trainer.on_train_epoch_end(outputs)
+    log = open(trainer.log_file).read()
+    assert "Skipped training steps in this epoch: 4 with a non-finite loss or gradient, 0 fp16" in log
+    assert fp16_overflow.count_skips(log)["nonfinite_loss_skips"] == 5
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_a_skipped_first_step_leaves_the_optimizer_as_new(nnunet_env, monkeypatch, optimizer):
+    """A good step after a skipped first step moves the weights exactly as a first good step would (torch's fused
+    SGD left its momentum buffers uninitialised after a skipped first step: NaN weights one step later)."""
+    trainer = make_trainer(optimizer=optimizer)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    good = batch(trainer)
+    with monkeypatch.context() as patch:  # uninitialised memory, made visible: what DDP processes met
+        patch.setattr(torch, "empty_like", lambda t, **kwargs: torch.full_like(t, float("nan"), **kwargs))
+        trainer.train_step(batch(trainer, float("nan")))
+
+    def good_step() -> dict:
+        torch.manual_seed(1)  # the same dropout masks
+        trainer.train_step(good)
+        return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    after_skip = good_step()
+    trainer.model.load_state_dict(start)
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
+    direct = good_step()
+    assert all(torch.isfinite(v).all() for v in after_skip.values() if v.is_floating_point())
+    for key, value in direct.items():
+        torch.testing.assert_close(after_skip[key], value, rtol=0, atol=0, msg=key)
+
+
+def count_host_reads(step) -> int:
+    """How often ``step()`` reads a tensor value on the host (``.item()``, ``bool()``, ``float()``): on a GPU each
+    such read waits for every kernel queued so far."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Count.reads += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.reads
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_training_step_never_waits_for_the_device(nnunet_env, precision):
+    """No host read of a device value in a training step, for a good, a NaN and an overflowing step: the
+    skip decision, the loss and the skip counts stay on the device until the epoch ends."""
+    trainer = make_trainer(optimizer="adamw", precision=precision)
+    trainer.on_train_epoch_start()
+    outputs = []
+    for value in (0.0, float("nan"), 0.0):
+        assert count_host_reads(lambda: outputs.append(trainer.train_step(batch(trainer, value)))) == 0
+    assert isinstance(outputs[0]["loss"], torch.Tensor)
+    trainer.on_train_epoch_end(outputs)
+    assert trainer.nonfinite_total == 1
 
 
 @pytest.mark.parametrize("device,bf16_gpu,requested,expected", [
@@ -126,13 +173,15 @@ def test_fp16_overflow_skips_the_update_and_is_counted(nnunet_env):
     trainer.grad_scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # scaled gradients overflow fp16
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
-    assert np.isfinite(trainer.train_step(batch(trainer))["loss"])
-    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)
-               and "running" not in k and "num_batches" not in k]
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(batch(trainer))]
+    assert torch.isfinite(outputs[0]["loss"])
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
     assert not changed, f"an overflowed step changed {changed[:5]}"
-    assert trainer.fp16_overflows == 1 and trainer.grad_scaler.get_scale() == 2.0 ** 59
-    counts = count_skips(open(trainer.log_file).read())  # what benchmarks/fp16_overflow.py reports
-    assert counts["fp16_overflows"] == 1 and counts["loss_scale_after_each_overflow"] == [2.0 ** 59]
+    trainer.on_train_epoch_end(outputs)
+    assert trainer.fp16_overflows == 1 and trainer.nonfinite_total == 0 and trainer.grad_scaler.get_scale() == 2.0 ** 59
+    counts = fp16_overflow.count_skips(open(trainer.log_file).read())  # what benchmarks/fp16_overflow.py reports
+    assert counts["fp16_overflows"] == 1 and counts["loss_scale_after_each_epoch"] == [2.0 ** 59]
 
 
 @pytest.fixture
@@ -415,7 +464,7 @@ def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(
     dataset_results = tmp_path / "results" / f"Dataset{DATASET_ID}_DemoFundus"
     fold = dataset_results / "nnUNetTrainer_vit_nanrank1__nnUNetPlans__2d" / "fold_0"
     log = "".join(path.read_text() for path in fold.glob("training_log_*.txt"))
-    assert "Skipped training step: loss is not finite on another DDP process (1 in a row" in log
+    assert "Skipped training steps in this epoch: 1 with a non-finite loss or gradient" in log
     assert "precision: fp32, torch.compile: off" in log
     assert (fold / "validation" / "summary.json").is_file()
     assert not list(fold.glob("*.partial"))
@@ -468,3 +517,65 @@ def test_named_2d_configurations_keep_models_of_one_dataset_apart(nnunet_env, tm
         assert stored["inherits_from"] == "2d"
         assert stored["vit_config"]["model"]["model_path"] == config["model"]["model_path"]
     assert len(list((tmp_path / "predictions").glob("*.png"))) == len(list((dataset / "imagesTs").glob("*.png")))
+
+
+def test_compiled_training_compiles_each_phase_once_and_says_so(nnunet_env, monkeypatch):
+    """train.compile: true on CPU (inductor), 2 epochs x 3 iterations: the training graphs compile in the
+    first step, the validation graphs in the first validation step, and nothing recompiles afterwards
+    (dynamo's counters); the log says what compiles and how long it took."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    trainer = make_trainer(compile="true", num_epochs=2, num_iterations_per_epoch=3, num_val_iterations_per_epoch=1)
+    graphs_after = []
+    for name in ("train_step", "validation_step"):
+        step = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda batch, step=step, name=name: (
+            step(batch), graphs_after.append((name, counters["stats"]["unique_graphs"])))[0])
+    trainer.run_training()
+
+    train_graphs, val_graphs = graphs_after[0][1], graphs_after[3][1]
+    assert [name for name, _ in graphs_after] == (["train_step"] * 3 + ["validation_step"]) * 2
+    assert 0 < train_graphs < val_graphs
+    assert [n for _, n in graphs_after] == [train_graphs] * 3 + [val_graphs] * 5
+    log = open(trainer.log_file).read()
+    assert "torch.compile (inductor), one region at a time: backbone blocks (1 graph for 12), neck, head" in log
+    for phase in ("training step", "validation step"):
+        assert f"torch.compile: compiling the {phase}" in log and "this first one can take minutes" in log
+        assert re.search(rf"torch.compile: the first {phase} took [\d.]+ s \(\d+ graph\(s\) compiled\)", log)
+    assert "recompiled" not in log and "graph break" not in log
+
+
+class LazyAliasModule(types.ModuleType):
+    """As transformers 5.17's lazy alias modules: reading ``__file__`` or ``__path__`` imports another module."""
+
+    imported = 0
+
+    def __getattr__(self, name: str):
+        if name in ("__file__", "__path__"):
+            LazyAliasModule.imported += 1
+            name = f"planted_lazy_target_{LazyAliasModule.imported}"
+            sys.modules[name] = types.ModuleType(name)
+        raise AttributeError(name)
+
+
+def test_training_and_prediction_find_the_trainer_without_upstreams_module_scan(nnunet_env, tmp_path, monkeypatch,
+                                                                                cpu_command):
+    """The first GPU run died in upstream's trainer lookup, whose scan of sys.modules broke on such a module.
+    With one planted, upstream's lookup fails the same way, and training and prediction still work."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    _, dataset, _ = nnunet_env
+    monkeypatch.setitem(sys.modules, "planted_lazy_alias", LazyAliasModule("planted_lazy_alias"))
+    monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "nnunetv2" / "vit" / "ext_trainers"))
+    with pytest.raises(RuntimeError, match="dictionary changed size during iteration"):
+        recursive_find_trainer_class_by_name("nnUNetTrainer_vit")
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {
+        "num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}}))
+    train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu"])
+    out = tmp_path / "predictions"
+    predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+                      "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"])
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (dataset / "labelsTs").glob("*.png"))

@@ -1,31 +1,21 @@
-"""Pieces shared by the train and predict commands: device choice, trainer discovery, error exit."""
+"""Pieces shared by the train and predict commands: dataset lookup, device choice, error exit."""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import sys
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from nnunetv2.model.backbone import BackboneWeightsError
-from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError
-
-EXT_TRAINER_DIR = Path(__file__).resolve().parent / "ext_trainers"
+from nnunetv2.model.checkpoint_io import UntrustedCheckpointError
+from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, CompileError, ConfigError
 
 # Errors whose message already tells the user what to fix: shown as one line, exit code 2.
 USER_ERRORS = (ConfigError, BackboneWeightsError, FileNotFoundError, FileExistsError, FloatingPointError,
-               CheckpointReadError, CheckpointWriteError)
-
-
-def register_trainer_discovery() -> None:
-    """Add this package's trainers to upstream's ``nnUNet_extTrainer`` search path."""
-    paths = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-    if str(EXT_TRAINER_DIR) not in paths:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*paths, str(EXT_TRAINER_DIR)])
+               CheckpointReadError, CheckpointWriteError, CompileError, UntrustedCheckpointError)
 
 
 def dataset_name(dataset_name_or_id: str) -> str:

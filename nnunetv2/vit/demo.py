@@ -36,8 +36,22 @@ def setup_paths(base: Path) -> Dict[str, Path]:
     return paths
 
 
-def step(message: str) -> None:
-    print(f"\n=== {message}", flush=True)
+class Steps:
+    """Prints each step's header and, when the next one starts (or ``done()``), how long the last one took."""
+
+    def __init__(self) -> None:
+        self.current: Optional[str] = None
+        self.started = 0.0
+
+    def __call__(self, message: str) -> None:
+        self.done()
+        print(f"\n=== {message}", flush=True)
+        self.current, self.started = message.split()[0], time.monotonic()
+
+    def done(self) -> None:
+        if self.current is not None:
+            print(f"=== step {self.current} took {time.monotonic() - self.started:.1f} s", flush=True)
+        self.current = None
 
 
 def plan_and_preprocess(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
@@ -118,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
 
     from nnunetv2.vit.demo_data import write_demo_dataset
 
+    step = Steps()
     step("1/5 demo dataset")
     dataset = write_demo_dataset(paths["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_train=args.num_train,
                                  num_test=args.num_test, size=args.size)
@@ -147,14 +162,10 @@ def run(args: argparse.Namespace) -> None:
         run_training(build_parser().parse_args(train_args))
 
     step("4/5 predict the test split (nnU-Net predictor)")
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    from nnunetv2.vit.cli import register_trainer_discovery
+    from nnunetv2.vit.predict import predictor_from_trained_model
 
-    register_trainer_discovery()
     predictions = output / "predictions"
-    predictor = nnUNetPredictor(device=torch.device(device), verbose=False, verbose_preprocessing=False,
-                                allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(fold_folder.parent), use_folds=(0,))
+    predictor = predictor_from_trained_model(fold_folder.parent, folds=(0,), device=torch.device(device))
     predictor.predict_from_files(str(dataset / "imagesTs"), str(predictions), save_probabilities=False,
                                  overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
 
@@ -169,6 +180,8 @@ def run(args: argparse.Namespace) -> None:
         scores[case] = dice(reference, prediction, VESSEL)
         print(f"  {case}: vessel Dice {scores[case]:.3f}   optic disc Dice {dice(reference, prediction, DISC):.3f}")
     print(f"mean vessel Dice: {np.nanmean(list(scores.values())):.3f} over {len(scores)} test cases")
+
+    step.done()
 
     panel = output / "demo_panel.png"
     write_panel(sorted(scores)[:3], dataset, predictions, panel, scores)

@@ -11,3 +11,7 @@ class CheckpointWriteError(OSError):
 
 class CheckpointReadError(RuntimeError):
     """An nnU-Net checkpoint file cannot be read: corrupt or truncated."""
+
+
+class CompileError(RuntimeError):
+    """torch.compile failed on the model; training without it (train.compile: false) is the way out."""

@@ -3,21 +3,87 @@
 Prediction is upstream's own (sliding window, mirroring, export); the network is rebuilt from the
 config stored in the results folder's plans.json, so neither the YAML file nor a download is needed.
 Before anything is written, the model folder, its checkpoints and the input images are checked.
+``ViTPredictor`` is upstream's ``nnUNetPredictor`` with its own initialisation from a trained model
+folder: the trainer class is resolved without upstream's ``sys.modules`` scan (``find_trainer_class``).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
+import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from torch._dynamo import OptimizedModule
 
-from nnunetv2.vit.cli import dataset_name, register_trainer_discovery, run_main
+from nnunetv2.vit.cli import dataset_name, run_main
+from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.errors import ConfigError
 
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
+TRUST_FLAG = "--trust_checkpoint"
+
+
+class ViTPredictor(nnUNetPredictor):
+    """nnU-Net's predictor; initialised from a trained model folder as upstream's, except that checkpoints
+    are read as data (``trust_checkpoint``: as full pickles, which can run code) and the trainer class is
+    resolved by ``find_trainer_class`` (or given as ``trainer_class``)."""
+
+    def __init__(self, *args, trust_checkpoint: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trust_checkpoint = trust_checkpoint
+
+    def initialize_from_trained_model_folder(self, model_training_output_dir: str,
+                                             use_folds: Union[Tuple[Union[int, str], ...], None],
+                                             checkpoint_name: str = "checkpoint_final.pth",
+                                             trainer_class: Optional[type] = None) -> None:
+        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        from nnunetv2.vit.trainer import find_trainer_class, network_weights, read_training_checkpoint
+
+        if use_folds is None:
+            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
+        folder = Path(model_training_output_dir)
+        dataset_json = load_json(str(folder / "dataset.json"))
+        plans_manager = PlansManager(load_json(str(folder / "plans.json")))
+        checkpoints = [read_training_checkpoint(str(folder / f"fold_{fold}" / checkpoint_name),
+                                                trust=self.trust_checkpoint)
+                       for fold in ([use_folds] if isinstance(use_folds, str) else use_folds)]
+        first = checkpoints[0]
+        configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
+        trainer_class = trainer_class or find_trainer_class(first["trainer_name"])
+        network = trainer_class.build_network_architecture(
+            plans_manager, configuration_manager,
+            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+        parameters = [network_weights(checkpoint) for checkpoint in checkpoints]
+        network.load_state_dict(parameters[0])
+        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
+                                   first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
+
+    def manual_initialization(self, network: torch.nn.Module, *args, **kwargs) -> None:
+        """Upstream's; when it compiles the network (``nnUNet_compile``), the first tile says so and how long
+        compiling took."""
+        super().manual_initialization(network, *args, **kwargs)
+        if isinstance(self.network, OptimizedModule):
+            patch = tuple(self.configuration_manager.patch_size)
+            CompileLog(print, forward_warnings=False).first_forward(
+                self.network, "prediction tile", f"sliding window, 1 x {patch}", self.device)
+
+
+def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence[Union[int, str]] = (0,),
+                                 device: torch.device = torch.device("cuda"),
+                                 checkpoint_name: str = "checkpoint_final.pth",
+                                 trainer_class: Optional[type] = None, trust_checkpoint: bool = False) -> ViTPredictor:
+    """A predictor for a trained model folder with upstream's defaults (TTA, Gaussian tiles), quiet."""
+    predictor = ViTPredictor(device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False,
+                             trust_checkpoint=trust_checkpoint)
+    predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint_name, trainer_class)
+    return predictor
 
 
 def _known_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -32,8 +98,9 @@ def _known_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_known_args(list(argv))[0]
 
 
-def check_model_and_inputs(argv: Sequence[str]) -> None:
-    """Refuse a missing model, a checkpoint of another model, or images with the wrong channel count."""
+def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) -> None:
+    """Refuse a missing model, a checkpoint of another model or beyond plain data, or images with the wrong
+    channel count."""
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
     from nnunetv2.vit.trainer import (
@@ -57,7 +124,7 @@ def check_model_and_inputs(argv: Sequence[str]) -> None:
             raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
                               f"(e.g. -f 0) or another checkpoint with -chk.")
         # mmap: only the small metadata is read here, the weights are read once by the predictor
-        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True)
+        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust_checkpoint)
         stored = stored_vit_config(checkpoint, args.c)
         if stored is not None and not same_model(stored, config):
             raise ConfigError(f"{checkpoint_file} holds a different model ({describe_model(stored)}) than "
@@ -83,14 +150,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-tr" not in argv:
         argv = ["-tr", DEFAULT_TRAINER, *argv]
+    # Ours, not upstream's: load the checkpoints as full pickles (they can run code) for a model one trusts.
+    trust = TRUST_FLAG in argv
+    argv = [arg for arg in argv if arg != TRUST_FLAG]
 
     def predict() -> None:
-        from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+        from nnunetv2.inference import predict_from_raw_data
 
-        register_trainer_discovery()
-        check_model_and_inputs(argv)
+        check_model_and_inputs(argv, trust)
         sys.argv = ["nnUNetv2_predict_vit.py", *argv]
-        predict_entry_point()
+        # Upstream's command line, with ViTPredictor in place of the predictor class it builds.
+        upstream_predictor = predict_from_raw_data.nnUNetPredictor
+        predict_from_raw_data.nnUNetPredictor = functools.partial(ViTPredictor, trust_checkpoint=trust)
+        try:
+            predict_from_raw_data.predict_entry_point()
+        finally:
+            predict_from_raw_data.nnUNetPredictor = upstream_predictor
 
     run_main("nnUNetv2_predict_vit.py", predict)
 

@@ -22,14 +22,13 @@ import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import (
-    USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, exit_with_user_error, get_device, register_trainer_discovery,
-    run_main,
+    USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, exit_with_user_error, get_device, run_main,
 )
 from nnunetv2.vit.config import load_config
 from nnunetv2.vit.errors import CheckpointReadError, ConfigError
 from nnunetv2.vit.trainer import (
-    add_vit_config, describe_model, load_pretrained_network, nnUNetTrainer_vit, read_training_checkpoint, same_model,
-    vit_config_in_plans,
+    add_vit_config, describe_model, find_trainer_class, load_pretrained_network, nnUNetTrainer_vit,
+    read_training_checkpoint, same_model, vit_config_in_plans,
 )
 
 PROG = "nnUNetv2_train_vit.py"
@@ -61,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Validate with checkpoint_best instead of checkpoint_final")
     parser.add_argument("--disable_checkpointing", action="store_true", help="Write no checkpoints")
     parser.add_argument("-device", default="cuda", help="cuda (default), cpu or mps")
+    parser.add_argument("--trust_checkpoint", action="store_true",
+                        help="load the checkpoints of --c, --val, --val_best and -pretrained_weights as full pickles, "
+                             "which can run code: only for files whose source you trust")
     return parser
 
 
@@ -112,13 +114,14 @@ def results_folder(dataset: str, trainer: str, plans_identifier: str, configurat
     return Path(get_output_folder(dataset, trainer, plans_identifier, configuration, fold))
 
 
-def first_readable_checkpoint(fold_folder: Path, names: Sequence[str]) -> Optional[Tuple[Path, dict]]:
+def first_readable_checkpoint(fold_folder: Path, names: Sequence[str],
+                              trust: bool = False) -> Optional[Tuple[Path, dict]]:
     """The first of ``names`` in the fold folder that loads; unreadable ones are reported and skipped."""
     for name in names:
         path = fold_folder / name
         if path.is_file():
             try:
-                return path, read_training_checkpoint(str(path))
+                return path, read_training_checkpoint(str(path), trust=trust)
             except CheckpointReadError as err:
                 print(f"WARNING: {err} Trying the previous checkpoint.")
     return None
@@ -155,9 +158,7 @@ def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: 
 def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
                       resume: Union[None, str, dict]) -> None:
     """What upstream's run_training does per process, for the ViT trainer."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    trainer_class = recursive_find_trainer_class_by_name(args.tr)
+    trainer_class = find_trainer_class(args.tr)
     if not issubclass(trainer_class, nnUNetTrainer_vit):
         raise ConfigError(f"Trainer {args.tr} is not a subclass of nnUNetTrainer_vit.")
     fold = args.fold if args.fold == "all" else int(args.fold)
@@ -166,13 +167,14 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
     trainer = trainer_class(plans=plans, configuration=args.configuration, fold=fold, dataset_json=dataset_json,
                             device=device)
     trainer.disable_checkpointing = args.disable_checkpointing
+    trainer.trust_checkpoint = args.trust_checkpoint
     # Weights from a checkpoint (resume) or -pretrained_weights replace the backbone's: no download.
     trainer.load_pretrained_backbone = resume is None and not args.pretrained_weights
     if resume is not None:
         trainer.load_checkpoint(resume)
     elif args.pretrained_weights:
         trainer.initialize()
-        load_pretrained_network(trainer.model, args.pretrained_weights)
+        load_pretrained_network(trainer.model, args.pretrained_weights, trust=args.trust_checkpoint)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
     if not args.val:
@@ -203,7 +205,6 @@ def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dic
 
 
 def run(args: argparse.Namespace) -> None:
-    register_trainer_discovery()
     if args.c and args.val:
         raise ConfigError("--c and --val cannot be combined.")
     if args.val_best and args.disable_checkpointing:
@@ -229,12 +230,12 @@ def run(args: argparse.Namespace) -> None:
 
     found = None
     if args.val:
-        found = first_readable_checkpoint(fold_folder, ["checkpoint_final.pth"])
+        found = first_readable_checkpoint(fold_folder, ["checkpoint_final.pth"], args.trust_checkpoint)
         if found is None:
             raise ConfigError(f"Cannot run validation: no readable checkpoint_final.pth in {fold_folder} "
                               f"(training not finished?).")
     elif args.c:
-        found = first_readable_checkpoint(fold_folder, CHECKPOINT_PREFERENCE)
+        found = first_readable_checkpoint(fold_folder, CHECKPOINT_PREFERENCE, args.trust_checkpoint)
         if found is None:
             print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
         else:

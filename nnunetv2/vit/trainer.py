@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import List, Optional, Union
 
 import numpy as np
@@ -22,10 +23,11 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.model.checkpoint_io import CorruptCheckpointError, UntrustedCheckpointError, read_checkpoint
+from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.config import build_model
 from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError
 
@@ -86,9 +88,17 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         # Set to False (resume, --val) to build the architecture only: the weights come from a checkpoint.
         self.load_pretrained_backbone = True
-        self.nonfinite_streak = 0
+        # The user's word (--trust_checkpoint) that the checkpoints this trainer loads may be full pickles.
+        self.trust_checkpoint = False
+        # Skipped steps, counted on the device (reading them every step would wait for the GPU): per epoch
+        # [non-finite loss or gradient, fp16 gradient overflow], the current and the longest run of non-finite ones.
+        self.skip_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.longest_streak = torch.zeros((), dtype=torch.int64, device=self.device)
         self.nonfinite_total = 0
         self.fp16_overflows = 0
+        self.compile_log: Optional[CompileLog] = None
+        self.epoch_train_start = time.perf_counter()
 
     def _resolve_precision(self, precision: str) -> str:
         """``auto``: bf16 on GPUs that have it, else fp16; fp32 elsewhere (as upstream). Explicit values are kept."""
@@ -132,8 +142,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.network = self._build_training_network().to(self.device)
         self._check_batch_size(self.network)
         if self._do_i_compile():
-            self.print_to_log_file("Using torch.compile...")
-            self.network = torch.compile(self.network)
+            regions = self.network.compile_regions()
+            self.compile_log = CompileLog(self.print_to_log_file)
+            self.print_to_log_file(f"torch.compile (inductor), one region at a time: {', '.join(regions)}")
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp and self.device.type == "cuda":
             self.network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
@@ -162,21 +173,32 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
     def _do_i_compile(self) -> bool:
+        """``auto``: upstream's rule (CUDA unless ``nnUNet_compile`` says no); ``true``: CUDA and CPU (inductor)."""
         setting = self.vit_config["train"]["compile"]
         if setting == "auto":
             return super()._do_i_compile()
-        return setting == "true" and self.device.type == "cuda"
+        return setting == "true" and self.device.type in ("cuda", "cpu")
+
+    @property
+    def fused_optimizer(self) -> bool:
+        """Fused AdamW/SGD: one kernel for all parameters, and a skipped step decided on the device."""
+        return self.device.type in ("cuda", "cpu")
 
     def configure_optimizers(self):
         train = self.vit_config["train"]
         params = [p for p in self.network.parameters() if p.requires_grad]
-        fused = self.device.type == "cuda"  # one kernel for all parameters instead of one per tensor
+        fused = self.fused_optimizer
         if train["optimizer"] == "adamw":
             optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay,
                                           betas=(0.9, 0.98), fused=fused)
         else:
             optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
                                         momentum=0.99, nesterov=True, fused=fused)
+            # torch's fused SGD allocates its momentum buffers uninitialised (empty_like) in its first step and
+            # leaves them so if that step is skipped (found_inf): start them at zero, where a first step's
+            # momentum starts (dampening 0), so a skipped first step cannot leave garbage behind.
+            for param in params:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train["warmup_epochs"])
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
@@ -187,59 +209,81 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.print_to_log_file(f"ViT config: {self.vit_config}", also_print_to_console=False)
         compiled = "on" if self._do_i_compile() else "off"
         if compiled == "off" and self.vit_config["train"]["compile"] == "true":
-            compiled += f" (train.compile: true applies to CUDA only, as in nnU-Net; this is {self.device.type})"
+            compiled += f" (train.compile: true applies to CUDA and CPU; this is {self.device.type})"
         self.print_to_log_file(f"precision: {self.precision}, torch.compile: {compiled}\n"
                                f"{self.model.parameter_summary(detailed=True)}")
         if self.precision == "fp16" and self.device.type == "cpu":
             self.print_to_log_file("WARNING: fp16 on CPU is very slow (PyTorch's CPU fp16 convolution backward is "
                                    "not optimised); use train.precision bf16 or fp32 there.")
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.epoch_train_start = time.perf_counter()
+        self.skip_counts.zero_()
+        self.longest_streak.copy_(self.nonfinite_streak)  # a run of non-finite steps goes on across epochs
+
+    def _first_call(self, phase: str):
+        """Context of a training or validation step: the first one logs that it compiles, and how long it took."""
+        if self.compile_log is None:
+            return dummy_context()
+        what = f"forward{' and backward' if phase == 'training step' else ''} of {type(self.model).__name__}, " \
+               f"batch {self.batch_size} x {tuple(self.configuration_manager.patch_size)}"
+        return self.compile_log.first_call(phase, what, self.device)
+
     def train_step(self, batch: dict) -> dict:
-        """Upstream's step with the configured precision and clip value; non-finite losses are skipped."""
+        """Upstream's step with the configured precision and clip value. A step whose loss or gradient is not
+        finite changes nothing (weights, optimizer state, BatchNorm statistics), in every DDP process alike.
+
+        The step never waits for the device: whether to skip is decided on it (the fused optimizers take a
+        ``found_inf`` flag, as under GradScaler), the loss is returned as a device tensor and skipped steps are
+        counted there; ``on_train_epoch_end`` reads it all once per epoch.
+        """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         running_stats = self._running_stats()
         saved_stats = [buffer.clone() for buffer in running_stats]
-        with self._autocast():
-            loss = self.loss(self.network(data), target)
-
-        if not self._finite_on_all_ranks(loss):
-            for buffer, saved in zip(running_stats, saved_stats):  # a NaN batch must not poison BatchNorm
-                buffer.copy_(saved)
-            here = loss.item()
-            return self._skip_nonfinite_step(f"loss is {here}" if not np.isfinite(here)
-                                             else "loss is not finite on another DDP process")
-        clip = self.vit_config["train"]["gradient_clip"]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
-            scale = self.grad_scaler.get_scale()
-            self.grad_scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
-            self.grad_scaler.update()
-            if self.grad_scaler.get_scale() < scale:
-                self.fp16_overflows += 1
-                self.print_to_log_file(
-                    f"fp16 gradient overflow: step skipped, loss scale now {self.grad_scaler.get_scale()}"
-                )
-        else:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), clip)
-            if not torch.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                return self._skip_nonfinite_step(f"gradient norm is {grad_norm.item()}")
-            self.optimizer.step()
-        self.nonfinite_streak = 0
-        return {"loss": loss.detach().cpu().numpy()}
-
-    def _finite_on_all_ranks(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite in every DDP process: all skip a step together, or the
-        gradient all-reduce of the others would wait forever for the one that skipped."""
-        finite = torch.isfinite(loss.detach()).to(torch.int32)
-        if self.is_ddp:
+        with self._first_call("training step"):
+            with self._autocast():
+                loss = self.loss(self.network(data), target)
+            if self.grad_scaler is not None:
+                self.grad_scaler.scale(loss).backward()
+                self.grad_scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.vit_config["train"]["gradient_clip"])
+        loss_finite = torch.isfinite(loss.detach())
+        finite = (loss_finite & torch.isfinite(grad_norm)).to(torch.int32)
+        if self.is_ddp:  # gradients are already averaged; a loss may be non-finite in one process only
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        return bool(finite)
+        skip = finite == 0
+        for buffer, saved in zip(running_stats, saved_stats):  # a skipped batch must not change BatchNorm
+            buffer.copy_(torch.where(skip, saved, buffer))
+        self._optimizer_step(skip)
+        if self.grad_scaler is not None:
+            self.grad_scaler.update()  # lowers the loss scale after an fp16 gradient overflow
+        # An fp16 overflow (finite loss, overflowing gradient) is GradScaler's business, not a non-finite step.
+        overflow = skip & loss_finite if self.grad_scaler is not None else torch.zeros_like(skip)
+        nonfinite = skip & ~overflow
+        self.skip_counts += torch.stack([nonfinite, overflow]).to(torch.int64)
+        self.nonfinite_streak.add_(1).mul_(nonfinite)
+        torch.maximum(self.longest_streak, self.nonfinite_streak, out=self.longest_streak)
+        return {"loss": loss.detach()}
+
+    def _optimizer_step(self, skip: torch.Tensor) -> None:
+        """The optimizer's step, a no-op where ``skip`` (a device flag) is set."""
+        if self.fused_optimizer:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif not skip.item():  # no fused kernel on this device: decide on the host
+            self.optimizer.step()
+
+    def validation_step(self, batch: dict) -> dict:
+        with self._first_call("validation step"):
+            return super().validation_step(batch)
 
     def _running_stats(self) -> List[torch.Tensor]:
         """BatchNorm running statistics: the only state a forward pass changes."""
@@ -247,32 +291,63 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 for buffer in (module.running_mean, module.running_var, module.num_batches_tracked)
                 if buffer is not None]
 
-    def _skip_nonfinite_step(self, reason: str) -> dict:
-        self.nonfinite_streak += 1
-        self.nonfinite_total += 1
-        limit = self.vit_config["train"]["max_nonfinite_steps"]
-        self.print_to_log_file(f"Skipped training step: {reason} ({self.nonfinite_streak} in a row, limit {limit})")
-        if self.nonfinite_streak >= limit:
-            raise FloatingPointError(
-                f"Training stopped: {limit} consecutive steps had a non-finite loss or gradient. The last good "
-                f"checkpoint in {self.output_folder} is kept; lower train.initial_lr, use train.precision: bf16 "
-                f"or fp32, or check the data, then resume with --c."
-            )
-        return {"loss": np.array(np.nan)}
-
     def on_train_epoch_end(self, train_outputs: List[dict]) -> None:
-        """Upstream's epoch loss, ignoring skipped (non-finite) steps."""
-        losses = collate_outputs(train_outputs)["loss"]
+        """Upstream's epoch loss, ignoring skipped (non-finite) steps; skipped steps logged; training stops after
+        ``max_nonfinite_steps`` non-finite steps in a row."""
+        losses = torch.stack([output["loss"].float() for output in train_outputs]).cpu().numpy()  # waits for the device
+        self._log_throughput(len(train_outputs), time.perf_counter() - self.epoch_train_start)
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, losses)
             losses = np.concatenate([np.atleast_1d(x) for x in gathered])
-        finite = np.asarray(losses)[np.isfinite(losses)]
+        finite = losses[np.isfinite(losses)]
         self.logger.log("train_losses", float(finite.mean()) if finite.size else float("nan"), self.current_epoch)
-        if self.nonfinite_total or self.fp16_overflows:
+
+        nonfinite, overflows = (int(n) for n in self.skip_counts.cpu())
+        self.nonfinite_total += nonfinite
+        self.fp16_overflows += overflows
+        if nonfinite or overflows:
             scale = f" (loss scale now {self.grad_scaler.get_scale()})" if self.grad_scaler is not None else ""
-            self.print_to_log_file(f"skipped steps so far: {self.nonfinite_total} with a non-finite loss or gradient, "
-                                   f"{self.fp16_overflows} fp16 gradient overflows{scale}")
+            self.print_to_log_file(
+                f"Skipped training steps in this epoch: {nonfinite} with a non-finite loss or gradient, {overflows} "
+                f"fp16 gradient overflows{scale}. They changed nothing. So far: {self.nonfinite_total} and "
+                f"{self.fp16_overflows}.")
+        limit = self.vit_config["train"]["max_nonfinite_steps"]
+        if int(self.longest_streak) >= limit:
+            raise FloatingPointError(
+                f"Training stopped: {limit} consecutive steps had a non-finite loss or gradient. The last good "
+                f"checkpoint in {self.output_folder} is kept; lower train.initial_lr, use train.precision: bf16 "
+                f"or fp32, or check the data, then resume with --c.")
+
+    def _log_throughput(self, steps: int, seconds: float) -> None:
+        """Training speed of this epoch (the first one includes compiling), and peak GPU memory so far."""
+        memory = ""
+        if self.device.type == "cuda":
+            memory = f", peak GPU memory {torch.cuda.max_memory_allocated(self.device) / 2 ** 30:.1f} GiB"
+        self.print_to_log_file(f"training: {steps} steps in {seconds:.1f} s ({steps / seconds:.2f} steps/s, "
+                               f"{steps * self.batch_size / seconds:.1f} img/s per process){memory}")
+
+    def on_epoch_end(self) -> None:
+        if self.compile_log is not None:
+            self.compile_log.report(f"in epoch {self.current_epoch}")
+        super().on_epoch_end()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.compile_log is not None:
+            self.compile_log.close()
+
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        """Upstream's final validation; with torch.compile its first sliding-window tile (batch 1, eval) compiles."""
+        if self.compile_log is not None:
+            self.compile_log.open()
+            self.compile_log.first_forward(self.model, "final validation tile",
+                                           f"sliding window, 1 x {tuple(self.configuration_manager.patch_size)}",
+                                           self.device)
+        super().perform_actual_validation(save_probabilities)
+        if self.compile_log is not None:
+            self.compile_log.report("in the final validation")
+            self.compile_log.close()
 
     def save_checkpoint(self, filename: str) -> None:
         """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one."""
@@ -294,7 +369,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own
         version fails on dicts), refusing checkpoints of a different model and naming unreadable files."""
         if isinstance(filename_or_checkpoint, str):
-            name, checkpoint = filename_or_checkpoint, read_training_checkpoint(filename_or_checkpoint)
+            name = filename_or_checkpoint
+            checkpoint = read_training_checkpoint(filename_or_checkpoint, trust=self.trust_checkpoint)
         else:
             name, checkpoint = "checkpoint", filename_or_checkpoint
         stored = stored_vit_config(checkpoint, self.configuration_name)
@@ -315,15 +391,35 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
 
-def read_training_checkpoint(path: str, mmap: bool = False) -> dict:
-    """Load an nnU-Net checkpoint, with an error naming the file if it is corrupt or truncated.
+def find_trainer_class(name: str) -> type:
+    """The trainer class called ``name``: ``nnUNetTrainer_vit`` and its subclasses directly, any other name
+    through upstream's lookup.
+
+    Upstream's lookup of trainers in ``nnUNet_extTrainer`` folders scans ``sys.modules`` and reads every
+    module's ``__file__`` / ``__path__``, which breaks when a module imports others on that access (lazy
+    alias modules of transformers 5.17: "dictionary changed size during iteration").
+    """
+    pending = [nnUNetTrainer_vit]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return cls
+        pending.extend(cls.__subclasses__())
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    return recursive_find_trainer_class_by_name(name)
+
+
+def read_training_checkpoint(path: str, mmap: bool = False, trust: bool = False) -> dict:
+    """Load an nnU-Net checkpoint as data (``trust``: as a full pickle, which can run code), with an error naming
+    the file if it is corrupt or truncated, or holds more than data.
 
     ``mmap`` maps the tensors instead of reading them: cheap when only the metadata is needed.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as err:
-        raise CheckpointReadError(f"Cannot read checkpoint {path}: {err}. The file is corrupt or truncated.") from err
+        return read_checkpoint(path, trust=trust, mmap=mmap, opt_in="pass --trust_checkpoint to the command")
+    except CorruptCheckpointError as err:
+        raise CheckpointReadError(str(err)) from err
 
 
 def network_weights(checkpoint: dict) -> dict:
@@ -331,13 +427,13 @@ def network_weights(checkpoint: dict) -> dict:
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
 
 
-def load_pretrained_network(model: torch.nn.Module, path: str) -> None:
+def load_pretrained_network(model: torch.nn.Module, path: str, trust: bool = False) -> None:
     """Initialise ``model`` from the network weights of another nnU-Net training of the same model (e.g. on
     another dataset), as upstream's ``-pretrained_weights``: every tensor but the classifier's is copied,
     and must exist with the same shape."""
     try:
-        checkpoint = read_training_checkpoint(path, mmap=True)
-    except CheckpointReadError as err:
+        checkpoint = read_training_checkpoint(path, mmap=True, trust=trust)
+    except (CheckpointReadError, UntrustedCheckpointError) as err:
         raise ConfigError(f"-pretrained_weights: {err}") from err
     if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
         raise ConfigError(f"-pretrained_weights {path} is not an nnU-Net checkpoint (no 'network_weights'); "
@@ -379,7 +475,8 @@ def stored_vit_config(checkpoint: dict, configuration: str) -> Optional[dict]:
 def same_model(a: dict, b: dict) -> bool:
     """Whether two configs describe the same network architecture (weights sources may differ)."""
     def arch(config: dict) -> tuple:
-        model = {k: v for k, v in config["model"].items() if k not in ("checkpoint_path", "pretrained")}
+        model = {k: v for k, v in config["model"].items()
+                 if k not in ("checkpoint_path", "pretrained", "trust_checkpoint")}
         return model, config["lora"]
     return arch(a) == arch(b)
 
