@@ -52,20 +52,23 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-MODELS = ("hf_dpt", "dpt", "dpt_light", "upernet", "segformer", "primus", "primus_ms", "unet")
-PRECISIONS = ("fp32", "fp16", "bf16")
-AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-LORA_RANK = 8
-
-# name -> (model module, decoder kwargs from the backbone's embedding width E)
+# name -> (model module, decoder kwargs from the backbone's embedding width E). "<name>_detail" rows add the
+# high-resolution detail path; "dpt_demo" is the demo's small DPT (nnunetv2/configs/dpt_demo.yaml's decoder).
 VIT_MODELS: Dict[str, Tuple[str, Callable[[int], dict]]] = {
     "dpt": ("model_dpt", lambda e: {}),
     "dpt_light": ("model_dpt", lambda e: {"neck_hidden_sizes": [e // 4, e // 2, e, e]}),
+    "dpt_demo": ("model_dpt", lambda e: {"fusion_hidden_size": 64, "neck_hidden_sizes": [e // 8, e // 4, e // 2, e]}),
     "upernet": ("model_upernet", lambda e: {}),
     "segformer": ("model_segformer", lambda e: {}),
     "primus": ("model_primus", lambda e: {}),
     "primus_ms": ("model_primus", lambda e: {"multi_scale": True}),
 }
+VIT_MODELS.update({f"{name}_detail": (module, lambda e, kwargs=kwargs: {**kwargs(e), "detail_path": True})
+                   for name, (module, kwargs) in list(VIT_MODELS.items()) if name not in ("dpt_light", "primus_ms")})
+MODELS = ("hf_dpt", *VIT_MODELS, "unet")
+PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_RANK = 8
 
 # HF DPT configs. "large" is Intel/dpt-large (ViT-L/16); "small" a ViT-S/16 sized DPT for CPU runs so
 # the comparison with a ViT-S backbone is like for like; "tiny" only for tests.
@@ -103,7 +106,7 @@ class Variant:
     precision: str
     lora: bool = False
     grad_ckpt: bool = False
-    compile: bool = False
+    compile: str = "off"  # off, on (the whole model) or regional (each block and decoder part, our models only)
     fused: bool = False
     channels_last: bool = False
 
@@ -114,7 +117,8 @@ class Variant:
     def label(self, fused_default: bool) -> str:
         """Short description, e.g. ``bf16+lora+ckpt+compile``; fused AdamW shown only when not the device default."""
         parts = [self.precision]
-        parts += [name for name, on in (("lora", self.lora), ("ckpt", self.grad_ckpt), ("compile", self.compile),
+        compiled = {"off": None, "on": "compile", "regional": "regional"}[self.compile]
+        parts += [name for name, on in (("lora", self.lora), ("ckpt", self.grad_ckpt), (compiled, compiled),
                                         ("cl", self.channels_last)) if on]
         if self.fused != fused_default:
             parts.append("fused" if self.fused else "unfused")
@@ -233,7 +237,8 @@ def build_model(v: Variant, args: argparse.Namespace) -> nn.Module:
 
 def supports(model: str) -> Dict[str, bool]:
     """Which variant switches apply to a model (others collapse to off)."""
-    return {"lora": model not in ("hf_dpt", "unet"), "grad_ckpt": model != "unet"}
+    ours = model not in ("hf_dpt", "unet")
+    return {"lora": ours, "grad_ckpt": model != "unet", "regional": ours}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +397,7 @@ def measure_training(model: nn.Module, net: nn.Module, v: Variant, args: argpars
     with FlopCounterMode(display=False) as counter:
         train_step(model)
     synchronize(device)
-    if v.compile:
+    if v.compile != "off":
         row.compile_s = time_calls(lambda: train_step(net), 1, device)[0]
     time_calls(lambda: train_step(net), args.warmup, device)
     if device.type == "cuda":
@@ -414,7 +419,7 @@ def measure_inference(model: nn.Module, net: nn.Module, v: Variant, args: argpar
         with torch.no_grad(), autocast(device, v.precision):
             return net(x)
 
-    time_calls(infer_step, max(args.warmup, 1 if v.compile else 0), device)
+    time_calls(infer_step, max(args.warmup, 1 if v.compile != "off" else 0), device)
     row.infer_img_s = args.infer_batch / statistics.median(time_calls(infer_step, args.steps, device))
     # Exactness: the variant (precision, compile, channels_last) against the plain fp32 eager model.
     with torch.no_grad(), ieee_fp32_convolutions():
@@ -436,7 +441,9 @@ def run_row(v: Variant, args: argparse.Namespace, device: torch.device, peak_flo
             model.set_grad_checkpointing(True)
         row.params_total = sum(p.numel() for p in model.parameters())
         row.params_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        net = torch.compile(model) if v.compile else model
+        net = torch.compile(model) if v.compile == "on" else model
+        if v.compile == "regional":
+            model.compile_regions()
         times, flops_per_img = measure_training(model, net, v, args, device, row)
 
     if device.type == "cpu" and rss.growth_bytes is not None:
@@ -479,11 +486,12 @@ def plan_variants(args: argparse.Namespace) -> List[Variant]:
                 ok = supports(model)
                 for lora in on_off(args.lora):
                     for ckpt in on_off(args.grad_ckpt):
-                        for comp in on_off(args.compile):
+                        for comp in dict.fromkeys(args.compile):
                             for fused in on_off(args.fused):
                                 variants[Variant(
                                     model, size, batch, precision, lora=lora and ok["lora"],
-                                    grad_ckpt=ckpt and ok["grad_ckpt"], compile=comp, fused=fused,
+                                    grad_ckpt=ckpt and ok["grad_ckpt"],
+                                    compile="on" if comp == "regional" and not ok["regional"] else comp, fused=fused,
                                     channels_last=args.channels_last,
                                 )] = None
     return list(variants)
@@ -638,7 +646,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"LoRA rank {LORA_RANK} on the backbone (not for hf_dpt/unet)")
     parser.add_argument("--grad-ckpt", nargs="+", choices=("off", "on"), default=["off"],
                         help="gradient checkpointing (not for unet)")
-    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off"], help="torch.compile the model")
+    parser.add_argument("--compile", nargs="+", choices=("off", "on", "regional"), default=["off"],
+                        help="torch.compile the whole model (on), or each transformer block and decoder part (regional;"
+                             " HF DPT and U-Net rows compile whole)")
     parser.add_argument("--fused", nargs="+", choices=("off", "on"), default=None,
                         help="fused AdamW (default on for CUDA, off on CPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
@@ -709,7 +719,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                 row.note = str(err)
             except Exception as err:  # one failing row (OOM, unsupported combination) must not end the run
                 row.note = short_error(err)
-            release_memory(device, compiled=v.compile)
+            release_memory(device, compiled=v.compile != "off")
         rows.append(row)
         fill_ratios(rows)
         write_json(args.out, env, rows)
