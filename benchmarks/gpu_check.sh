@@ -45,7 +45,7 @@ M=hf_dpt  # every stage that compares against HF DPT includes it, so the ratio c
 # (1) 512 batch 4 bf16: HF DPT-Large vs ours, fused and plain AdamW, then torch.compile (fused).
 #     Its 'infer img/s' column is (3), inference at 512 with batch 16 (the default --infer-batch).
 stage s1_512_bf16 120 15 --models $M dpt dpt_light --sizes 512:4 --precision bf16 --fused on off
-stage s1_512_bf16_compile 330 110 --models dpt_light $M dpt --sizes 512:4 --precision bf16 --compile on --skip-infer
+stage s1_512_bf16_compile 330 110 --models dpt_light $M dpt --sizes 512:4 --precision bf16 --compile regional on --skip-infer
 # (2) 1024 batch 3 bf16, dpt_light with and without gradient checkpointing.
 stage s2_1024_ckpt 90 30 --models dpt_light --sizes 1024:3 --precision bf16 --grad-ckpt on off
 # (2b) channels_last (model and input) against s1's fused bf16 rows: should the trainer use it?
