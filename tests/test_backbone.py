@@ -20,6 +20,7 @@ import torch
 from nnunetv2.model import backbone as backbone_module
 from nnunetv2.model.backbone import (
     BACKBONES,
+    BackboneWeightsError,
     ProgressiveUpsampler,
     create_backbone,
     feature_indices_for_depth,
@@ -130,7 +131,7 @@ def test_unknown_size_lists_valid_options():
 
 @pytest.mark.parametrize("name,size", [("retfound", "large"), ("visionfm", "base")])
 def test_checkpoint_only_family_without_checkpoint(name, size):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(BackboneWeightsError) as err:
         create_backbone(name, size, pretrained=True)
     assert "checkpoint_path" in str(err.value)
     assert "pretrained: false" in str(err.value)
@@ -246,7 +247,7 @@ def test_loading_logs_matched_missing_unexpected(sources, tmp_path, caplog):
 
 @pytest.mark.parametrize("source,target", [("dinov2", "dinov3"), ("dinov3", "dinov2")])
 def test_checkpoint_of_another_family_is_refused(source, target, files):
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(BackboneWeightsError) as err:
         load(target, files[source])
     assert str(files[source]) in str(err.value)
 
@@ -254,7 +255,7 @@ def test_checkpoint_of_another_family_is_refused(source, target, files):
 def test_checkpoint_with_unknown_keys_is_refused(tmp_path):
     path = tmp_path / "random_keys.pth"
     torch.save({"encoder.layer1.weight": torch.randn(8, 8), "foo": torch.randn(3)}, path)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(BackboneWeightsError) as err:
         load("dinov3", path)
     assert str(path) in str(err.value)
 
@@ -278,7 +279,7 @@ def test_garbage_checkpoint_names_the_file(tmp_path):
 
 
 def test_missing_checkpoint_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint_path"):
+    with pytest.raises(BackboneWeightsError, match="checkpoint_path"):
         load("dinov3", tmp_path / "does_not_exist.pth")
 
 

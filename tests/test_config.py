@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,47 @@ def test_train_command_rejects_bad_config_with_exit_code(tmp_path):
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, result.stderr
     assert "'train.initial_lr' must be positive" in errors[0]
+
+
+def test_a_config_inherits_another_and_lists_only_what_differs(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(GOOD))
+    (tmp_path / "child.yaml").write_text("inherits: base.yaml\nmodel:\n  decoder:\n    readout_type: add\n"
+                                         "train:\n  num_epochs: 3\n")
+    config = load_config(tmp_path / "child.yaml")
+    assert config["model"]["decoder"] == {"fusion_hidden_size": 32, "readout_type": "add"}  # mappings merge
+    assert config["train"]["num_epochs"] == 3 and config["train"]["initial_lr"] == 0.001
+    assert config["model"]["backbone_size"] == "small"
+    builtin = load_config("dpt_test_dinov3")  # inherits dpt.yaml, a built-in, by name
+    assert builtin["model"] == load_config("dpt")["model"] and builtin["train"]["num_iterations_per_epoch"] == 10
+
+
+@pytest.mark.parametrize("files,expected", [
+    ({"a.yaml": "inherits: b.yaml\n", "b.yaml": "inherits: a.yaml\n"}, "makes a cycle"),
+    ({"a.yaml": "inherits: nowhere.yaml\n"}, "Config file not found: nowhere.yaml"),
+    ({"a.yaml": "inherits: [b.yaml]\n"}, "'inherits' must name a config file"),
+    ({"a.yaml": "model:\n  backbone_size: small\n  backbone_size: large\n"},
+     "a.yaml: key 'backbone_size' is given twice, on lines 2 and 3; keep one"),
+])
+def test_inheritance_and_duplicate_keys_are_checked(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("# réglages\nmodel:\n  model_path: x\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text .* save it as UTF-8"):
+        load_config(latin)
+    with pytest.raises(ConfigError, match="is a directory; give a YAML file in it"):
+        load_config(tmp_path)
+    # A UTF-8 comment reads in any locale (read_text() without an encoding failed under a C locale).
+    commented = tmp_path / "commented.yaml"
+    commented.write_text("# Gefäße, réseau vasculaire\n" + yaml.safe_dump(GOOD), encoding="utf-8")
+    result = subprocess.run([sys.executable, "-c", f"from nnunetv2.vit.config import load_config; "
+                             f"load_config({str(commented)!r})"], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0",
+                                 "PYTHONCOERCECLOCALE": "0",
+                                 "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

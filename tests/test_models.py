@@ -38,7 +38,7 @@ CASE_IDS = [f"{variant}-{backbone}" for variant, backbone in CASES]
 
 FIXED_KEYWORDS = [
     "backbone_name", "backbone_size", "num_classes", "checkpoint_path", "freeze_backbone", "use_lora",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels", "trust_checkpoint",
 ]
 DECODER_KEYWORDS = {
     model_dpt: [
@@ -222,6 +222,7 @@ def test_factory_signature(module):
     assert defaults == {
         "checkpoint_path": None, "freeze_backbone": False, "use_lora": False, "lora_rank": 8, "lora_alpha": 16.0,
         "lora_dropout": 0.05, "lora_target_modules": None, "pretrained": True, "in_channels": 3,
+        "trust_checkpoint": False,
     }
     with pytest.raises(TypeError):
         module.create_segmentation_model("dinov3", "small", num_classes=2, pretrained=False, not_an_option=1)
@@ -256,10 +257,16 @@ def test_bad_options_raise_value_error(module, kwargs):
 
 def test_decoder_options_are_applied():
     model = model_dpt.create_segmentation_model(
-        "dinov3", "small", num_classes=2, pretrained=False, neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64
+        "dinov3", "small", num_classes=2, pretrained=False, neck_hidden_sizes=[48, 96, 192, 384], fusion_hidden_size=64,
+        readout_type="add",
     )
     assert model.config.neck_hidden_sizes == [48, 96, 192, 384]
     assert model.config.fusion_hidden_size == 64
+    # the DPT plan's public attributes, read-only views of the config
+    assert (model.fusion_hidden_size, model.readout_type, model.backbone_patch_size) == (64, "add", 16)
+    assert (model.num_classes, model.embed_dim, model.feature_indices) == (2, 384, [2, 5, 8, 11])
+    with pytest.raises(AttributeError):
+        model.fusion_hidden_size = 128
     with torch.no_grad():
         assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
 

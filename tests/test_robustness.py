@@ -27,7 +27,7 @@ from nnunetv2.vit import cli
 from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import build_model, validate_config
-from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.errors import ConfigError, NonFiniteTrainingError
 from nnunetv2.vit.trainer import add_vit_config, load_pretrained_network, nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
 
     trainer.on_train_epoch_start()
     outputs = [trainer.train_step(batch(trainer, float("nan")))]  # the third in a row, across the epoch boundary
-    with pytest.raises(FloatingPointError, match="3 consecutive steps.*last good checkpoint"):
+    with pytest.raises(NonFiniteTrainingError, match="3 consecutive steps.*last good checkpoint"):
         trainer.on_train_epoch_end(outputs)
     log = open(trainer.log_file).read()
     assert "Skipped training steps in this epoch: 4 with a non-finite loss or gradient, 0 fp16" in log
@@ -579,3 +579,29 @@ def test_training_and_prediction_find_the_trainer_without_upstreams_module_scan(
     predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
                       "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"])
     assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (dataset / "labelsTs").glob("*.png"))
+
+
+# sha256 of nnUNetTrainer.initialize's source in nnunetv2 2.8.1, whose steps nnUNetTrainer_vit.initialize repeats.
+UPSTREAM_INITIALIZE_SHA256 = "5732dd44ffbbbf7452c834b4f0dc5b7562fc0467a6e61cd50891a1f795a56949"
+
+
+def test_initialize_follows_upstreams(nnunet_env, monkeypatch):
+    """Ours repeats upstream's initialize with three differences (see its docstring): when upstream's changes,
+    ours must be reviewed; and it leaves what upstream's leaves, the logger's hyperparameters included."""
+    import hashlib
+    import inspect
+
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    source = inspect.getsource(nnUNetTrainer.initialize)
+    assert hashlib.sha256(source.encode()).hexdigest() == UPSTREAM_INITIALIZE_SHA256, \
+        "upstream's nnUNetTrainer.initialize changed: review nnUNetTrainer_vit.initialize, then update the hash"
+    configs = []
+    monkeypatch.setattr(MetaLogger, "update_config", lambda self, config: configs.append(config))
+    trainer = make_trainer(initial_lr=0.02, num_epochs=7)
+    assert trainer.was_initialized and trainer.dataset_class is not None and trainer.loss is not None
+    assert [config for config in configs if "hparas" in config] == [{"hparas": {
+        "initial_lr": 0.02, "weight_decay": 3e-5, "oversample_foreground_percent": 0.33,
+        "probabilistic_oversampling": False, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
+        "num_epochs": 7, "enable_deep_supervision": False, "batch_size": 2}}]

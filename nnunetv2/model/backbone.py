@@ -33,8 +33,8 @@ StateDict = Dict[str, torch.Tensor]
 MIN_MATCHED_FRACTION = 0.9
 
 
-class BackboneWeightsError(ValueError, RuntimeError):
-    """Backbone weights cannot be had: no download, unreadable or non-matching checkpoint file."""
+class BackboneWeightsError(RuntimeError):
+    """Backbone weights cannot be had: no download, a missing, unreadable or non-matching checkpoint file."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def create_backbone(
 
     if checkpoint_path is not None:
         if not checkpoint_path.is_file():
-            raise FileNotFoundError(
+            raise BackboneWeightsError(
                 f"Backbone checkpoint not found: {checkpoint_path}. Fix model.checkpoint_path in the config."
             )
         model = timm.create_model(timm_name, pretrained=False, **kwargs)

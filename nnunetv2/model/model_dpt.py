@@ -67,6 +67,19 @@ class DPTSegmentationModel(ViTSegmentationModel):
             self.head.head = self.head.head[:4]
             self.add_detail_path(fusion_hidden_size, decoder_stride=self.patch_size / 8)
 
+    # Read-only views of the config, under the names of the DPT plan's model (code written against it reads them).
+    @property
+    def fusion_hidden_size(self) -> int:
+        return self.config.fusion_hidden_size
+
+    @property
+    def readout_type(self) -> str:
+        return self.config.readout_type
+
+    @property
+    def backbone_patch_size(self) -> int:
+        return self.patch_size
+
     @property
     def decoder_classifier(self) -> nn.Module:
         return self.head.head[4]

@@ -11,11 +11,14 @@ import torch
 
 from nnunetv2.model.backbone import BackboneWeightsError
 from nnunetv2.model.checkpoint_io import UntrustedCheckpointError
-from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, CompileError, ConfigError
+from nnunetv2.vit.errors import (
+    CheckpointReadError, CheckpointWriteError, CompileError, ConfigError, NonFiniteTrainingError,
+)
 
 # Errors whose message already tells the user what to fix: shown as one line, exit code 2.
-USER_ERRORS = (ConfigError, BackboneWeightsError, FileNotFoundError, FileExistsError, FloatingPointError,
-               CheckpointReadError, CheckpointWriteError, CompileError, UntrustedCheckpointError)
+# Only this project's own classes: a built-in error (FileNotFoundError, ...) is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, BackboneWeightsError, NonFiniteTrainingError, CheckpointReadError, CheckpointWriteError,
+               CompileError, UntrustedCheckpointError)
 
 
 def dataset_name(dataset_name_or_id: str) -> str:

@@ -2,8 +2,9 @@
 
 A config has three sections. ``model`` names the model module and its backbone/decoder options,
 ``lora`` the peft adapters, ``train`` the optimisation settings. Keys left out keep the defaults
-below, which for ``train`` are upstream nnU-Net's. The resolved config (a plain dict, defaults
-filled in) is what travels with a trained model in its plans.json and checkpoints.
+below, which for ``train`` are upstream nnU-Net's; ``inherits: other.yaml`` starts from another
+config, so a file lists only what differs. The resolved config (a plain dict, defaults filled in)
+is what travels with a trained model in its plans.json and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,19 +16,29 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from nnunetv2.model.common import ViTSegmentationModel
 from nnunetv2.vit.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+INHERITS = "inherits"  # top-level key of a config file: the file whose values it starts from
 
-# The keywords every model factory takes (the model contract); all its other keywords are decoder options.
-FACTORY_KEYWORDS = (
-    "backbone_name", "backbone_size", "num_classes", "checkpoint_path", "freeze_backbone", "use_lora", "lora_rank",
-    "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels", "trust_checkpoint",
+# The keywords every model factory takes (the model contract: the base model's positional parameters); all its
+# other keywords are decoder options.
+FACTORY_KEYWORDS = tuple(
+    name for name, param in list(inspect.signature(ViTSegmentationModel.__init__).parameters.items())[1:]
+    if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
 )
+MODEL_PACKAGE = "nnunetv2.model"
+
+
+def builtin_model_modules() -> List[str]:
+    """The decoder modules of this package (``model_*.py``), for error messages."""
+    folder = Path(__file__).resolve().parent.parent / "model"
+    return sorted(f"{MODEL_PACKAGE}.{path.stem}" for path in folder.glob("model_*.py"))
 
 
 @dataclass
@@ -136,7 +147,7 @@ def import_model_module(model_path: str, source: str = "config"):
     except ImportError as err:
         raise ConfigError(
             f"{source}: model.model_path '{model_path}' cannot be imported ({err}). "
-            f"Built-in modules: nnunetv2.model.model_dpt, model_upernet, model_segformer, model_primus."
+            f"Built-in modules: {', '.join(builtin_model_modules())}."
         ) from err
     if not callable(getattr(module, "create_segmentation_model", None)):
         raise ConfigError(f"{source}: model.model_path '{model_path}' has no create_segmentation_model() factory.")
@@ -197,11 +208,15 @@ def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any
     return {name: dataclasses.asdict(section) for name, section in sections.items()}
 
 
-def resolve_config_path(path: Union[str, Path]) -> Path:
-    """A config path as given, or a bare name of a built-in config (``dpt`` -> nnunetv2/configs/dpt.yaml)."""
+def resolve_config_path(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
+    """A config path as given (or relative to the folder ``relative_to``), or the bare name of a built-in config
+    (``dpt`` -> nnunetv2/configs/dpt.yaml)."""
     path = Path(path)
-    if path.is_file():
-        return path
+    for candidate in ((relative_to / path,) if relative_to is not None and not path.is_absolute() else ()) + (path,):
+        if candidate.is_dir():
+            raise ConfigError(f"Config {candidate} is a directory; give a YAML file in it.")
+        if candidate.is_file():
+            return candidate
     builtin = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
     if builtin.is_file() and path.parent == Path("."):
         return builtin
@@ -209,14 +224,58 @@ def resolve_config_path(path: Union[str, Path]) -> Path:
     raise ConfigError(f"Config file not found: {path}. Built-in configs: {builtins}.")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key '{key}' is given twice, on lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}; keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, with one-line errors naming the file."""
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8.") from err
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
+
+
+def _merged(base: Any, override: Any) -> Any:
+    """``override`` on top of ``base``: mappings merge key by key, anything else is replaced."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    return {**base, **{key: _merged(base.get(key), value) for key, value in override.items()}}
+
+
+def read_config_file(path: Path, children: Tuple[Path, ...] = ()) -> Any:
+    """A config file's content with its ``inherits: <file>`` resolved: the file named there (relative to this
+    one, or a built-in name) with this file's keys on top, so a config lists only what differs."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or INHERITS not in raw:
+        return raw
+    parent_name = raw.pop(INHERITS)
+    if not isinstance(parent_name, str):
+        raise ConfigError(f"{path}: '{INHERITS}' must name a config file, got {parent_name!r}.")
+    parent = resolve_config_path(parent_name, relative_to=path.parent).resolve()
+    if parent in children + (path.resolve(),):
+        raise ConfigError(f"{path}: '{INHERITS}: {parent_name}' makes a cycle; a config cannot inherit itself.")
+    return _merged(read_config_file(parent, children + (path.resolve(),)), raw)
+
+
 def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
     """Read, validate and resolve a YAML config file."""
     path = resolve_config_path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
-    return validate_config(raw, str(path))
+    return validate_config(read_config_file(path), str(path))
 
 
 def model_kwargs(

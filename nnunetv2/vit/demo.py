@@ -131,11 +131,15 @@ def run(args: argparse.Namespace) -> None:
     print(f"device: {device}")
 
     from nnunetv2.vit.demo_data import write_demo_dataset
+    from nnunetv2.vit.errors import ConfigError
 
     step = Steps()
     step("1/5 demo dataset")
-    dataset = write_demo_dataset(paths["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_train=args.num_train,
-                                 num_test=args.num_test, size=args.size)
+    try:
+        dataset = write_demo_dataset(paths["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_train=args.num_train,
+                                     num_test=args.num_test, size=args.size)
+    except FileExistsError as err:  # another dataset with the demo's id, or the demo's with other settings
+        raise ConfigError(str(err)) from err
     print(dataset)
 
     step("2/5 nnU-Net plan and preprocess (upstream)")
@@ -152,7 +156,7 @@ def run(args: argparse.Namespace) -> None:
     if (fold_folder / "checkpoint_final.pth").is_file():
         requested = load_config(config_file)
         if stored is not None and not same_model(stored, requested):
-            raise FileExistsError(f"{fold_folder.parent} holds a model trained with another config "
+            raise ConfigError(f"{fold_folder.parent} holds a model trained with another config "
                                   f"({describe_model(stored)}); delete it to retrain the demo.")
         print(f"already trained: {fold_folder / 'checkpoint_final.pth'}")
     else:

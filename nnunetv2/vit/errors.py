@@ -13,5 +13,9 @@ class CheckpointReadError(RuntimeError):
     """An nnU-Net checkpoint file cannot be read: corrupt or truncated."""
 
 
+class NonFiniteTrainingError(FloatingPointError):
+    """Too many training steps in a row had a non-finite loss or gradient; the last good checkpoint is kept."""
+
+
 class CompileError(RuntimeError):
     """torch.compile failed on the model; training without it (train.compile: false) is the way out."""

@@ -29,7 +29,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2.model.checkpoint_io import CorruptCheckpointError, UntrustedCheckpointError, read_checkpoint
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.config import build_model
-from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError
+from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError, NonFiniteTrainingError
 
 VIT_CONFIG_KEY = "vit_config"
 
@@ -132,8 +132,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return network
 
     def initialize(self) -> None:
-        """Upstream's steps, except two: the network is built for training (the static builder is for the
-        predictor), and DDP wraps without SyncBatchNorm and ``device_ids`` off CUDA, so gloo on CPU works."""
+        """Upstream's steps (nnunetv2 2.8.1), except three: the network is built for training (the static builder
+        is for the predictor), compiled one region at a time, and DDP wraps without SyncBatchNorm and
+        ``device_ids`` off CUDA, so gloo on CPU works. A test notices when upstream's ``initialize`` changes."""
         if self.was_initialized:
             raise RuntimeError("The trainer is already initialized.")
         self._set_batch_size_and_oversample()
@@ -154,6 +155,15 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
+        self.logger.update_config({"hparas": {
+            "initial_lr": self.initial_lr, "weight_decay": self.weight_decay,
+            "oversample_foreground_percent": self.oversample_foreground_percent,
+            "probabilistic_oversampling": self.probabilistic_oversampling,
+            "num_iterations_per_epoch": self.num_iterations_per_epoch,
+            "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch, "num_epochs": self.num_epochs,
+            "enable_deep_supervision": self.enable_deep_supervision,
+            "batch_size": self.configuration_manager.batch_size,
+        }})
 
     def _check_batch_size(self, network: torch.nn.Module) -> None:
         """Refuse batches too small for the model's BatchNorm before training crashes inside it."""
@@ -314,7 +324,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 f"{self.fp16_overflows}.")
         limit = self.vit_config["train"]["max_nonfinite_steps"]
         if int(self.longest_streak) >= limit:
-            raise FloatingPointError(
+            raise NonFiniteTrainingError(
                 f"Training stopped: {limit} consecutive steps had a non-finite loss or gradient. The last good "
                 f"checkpoint in {self.output_folder} is kept; lower train.initial_lr, use train.precision: bf16 "
                 f"or fp32, or check the data, then resume with --c.")
