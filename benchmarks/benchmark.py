@@ -79,7 +79,8 @@ HF_DPT_CONFIGS: Dict[str, dict] = {
     ),
     "small": dict(
         hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-        neck_hidden_sizes=[48, 96, 192, 384], backbone_out_indices=[2, 5, 8, 11], fusion_hidden_size=256,
+        # [E/4, E/2, E, E] as DPT-Large's [256, 512, 1024, 1024] and our dpt_light row: the same neck widths.
+        neck_hidden_sizes=[96, 192, 384, 384], backbone_out_indices=[2, 5, 8, 11], fusion_hidden_size=256,
     ),
     "tiny": dict(
         hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256,

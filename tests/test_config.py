@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nnunetv2.vit.config import CONFIG_DIR, build_model, load_config, model_kwargs, validate_config
+from nnunetv2.vit.config import CONFIG_DIR, ViTConfig, build_model, load_config, model_kwargs, validate_config
 from nnunetv2.vit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,31 +95,45 @@ def test_missing_config_file_lists_builtins(tmp_path):
 
 def test_defaults_filled_and_empty_checkpoint_means_none():
     config = validate_config({"model": {"model_path": "nnunetv2.model.model_dpt", "checkpoint_path": ""}})
-    assert config["model"]["checkpoint_path"] is None
-    assert config["train"] == {
+    assert config.model.checkpoint_path is None
+    assert config.to_dict()["train"] == {
         "initial_lr": 0.01, "weight_decay": 3e-5, "gradient_clip": 12.0, "num_epochs": 1000,
         "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50, "optimizer": "sgd",
         "warmup_epochs": 0, "precision": "auto", "compile": "auto", "gradient_checkpointing": False,
         "batch_size": None, "max_nonfinite_steps": 25, "save_every": 50,
     }
-    assert config["lora"]["target_modules"] == ["qkv"]
+    assert config.lora.target_modules == ["qkv"]
+
+
+def test_a_stored_config_reads_back_and_one_from_an_older_version_gets_the_new_defaults():
+    """What the plans and checkpoints store (to_dict) reads back as the same config; keys added since a model
+    was trained (trust_checkpoint, detail options) take their defaults, and nothing is re-checked (the backbone
+    file of a trained model need not exist where it predicts)."""
+    config = validate_config({**GOOD, "train": {"num_epochs": 5, "compile": True}})
+    assert config.train.compile == "true"
+    assert ViTConfig.from_stored(config.to_dict()) == config
+    older = config.to_dict()
+    del older["model"]["trust_checkpoint"]
+    older["model"]["checkpoint_path"] = "/gone/weights.pth"
+    restored = ViTConfig.from_stored(older)
+    assert restored.model.trust_checkpoint is False and restored.model.checkpoint_path == "/gone/weights.pth"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_builtin_configs_are_valid(path):
     config = load_config(path)
-    assert config["model"]["model_path"].startswith("nnunetv2.model.model_")
+    assert config.model.model_path.startswith("nnunetv2.model.model_")
 
 
 def test_seed_configs_keep_the_plan_values():
     for name, iterations, validation in (("dpt", 250, 50), ("dpt_test_dinov3", 10, 10)):
         config = load_config(name)
-        assert config["model"]["backbone"] == "dinov3" and config["model"]["backbone_size"] == "large"
-        assert config["model"]["decoder"] == {"fusion_hidden_size": 256, "readout_type": "project"}
-        assert config["train"]["initial_lr"] == 0.001 and config["train"]["gradient_clip"] == 12.0
-        assert config["train"]["num_iterations_per_epoch"] == iterations
-        assert config["train"]["num_val_iterations_per_epoch"] == validation
-    assert load_config("dpt_lora")["lora"]["enabled"] is True
+        assert config.model.backbone == "dinov3" and config.model.backbone_size == "large"
+        assert config.model.decoder == {"fusion_hidden_size": 256, "readout_type": "project"}
+        assert config.train.initial_lr == 0.001 and config.train.gradient_clip == 12.0
+        assert config.train.num_iterations_per_epoch == iterations
+        assert config.train.num_val_iterations_per_epoch == validation
+    assert load_config("dpt_lora").lora.enabled is True
 
 
 def test_config_builds_the_model_it_describes():
@@ -149,11 +163,11 @@ def test_a_config_inherits_another_and_lists_only_what_differs(tmp_path):
     (tmp_path / "child.yaml").write_text("inherits: base.yaml\nmodel:\n  decoder:\n    readout_type: add\n"
                                          "train:\n  num_epochs: 3\n")
     config = load_config(tmp_path / "child.yaml")
-    assert config["model"]["decoder"] == {"fusion_hidden_size": 32, "readout_type": "add"}  # mappings merge
-    assert config["train"]["num_epochs"] == 3 and config["train"]["initial_lr"] == 0.001
-    assert config["model"]["backbone_size"] == "small"
+    assert config.model.decoder == {"fusion_hidden_size": 32, "readout_type": "add"}  # mappings merge
+    assert config.train.num_epochs == 3 and config.train.initial_lr == 0.001
+    assert config.model.backbone_size == "small"
     builtin = load_config("dpt_test_dinov3")  # inherits dpt.yaml, a built-in, by name
-    assert builtin["model"] == load_config("dpt")["model"] and builtin["train"]["num_iterations_per_epoch"] == 10
+    assert builtin.model == load_config("dpt").model and builtin.train.num_iterations_per_epoch == 10
 
 
 @pytest.mark.parametrize("files,expected", [

@@ -183,13 +183,10 @@ def _parse_components(text: str):
     return rows
 
 
-def _expected_components(model):
-    expected = {}
-    for name, param in model.named_parameters():
-        counts = expected.setdefault(name.split(".")[0], [0, 0])
-        counts[0] += param.numel() if param.requires_grad else 0
-        counts[1] += param.numel()
-    return {k: tuple(v) for k, v in expected.items()}
+# ViT-S/16 backbones as create_backbone keeps them (no classifier head, no pooling norm).
+VIT_S_PARAMS = {"dinov3": 21_586_944, "dinov2": 22_056_192}
+# LoRA rank 8 on the 12 qkv projections (384 -> 1152): A (8 x 384) and B (1152 x 8) per block.
+VIT_S_LORA_R8_PARAMS = 12 * 8 * (384 + 1152)
 
 
 def test_print_trainable_parameters(case, capsys):
@@ -202,8 +199,11 @@ def test_print_trainable_parameters(case, capsys):
     assert re.search(rf"Total parameters:\s+{total:,}\b", printed)
     assert re.search(rf"Trainable parameters:\s+{trainable:,}\b", printed)
     components = _parse_components(printed)
-    assert components == _expected_components(model)
-    assert "backbone" in components and len(components) >= 2  # backbone + decoder part(s)
+    assert components["backbone"] == (VIT_S_PARAMS[case[1]], VIT_S_PARAMS[case[1]])
+    decoder_parts = {name for name, child in model.named_children() if name != "backbone"
+                     and any(True for _ in child.parameters())}
+    assert set(components) == {"backbone"} | decoder_parts  # one row per part, every part listed
+    assert sum(t for t, _ in components.values()) == trainable and sum(n for _, n in components.values()) == total
     # The short form has the totals but no per-component table.
     short = model.parameter_summary()
     assert f"{total:,}" in short and not _parse_components(short)
@@ -293,7 +293,9 @@ def lora_case(request):
 
 
 def test_lora_trainable_parameters(lora_case):
-    _, _, model = lora_case
+    _, backbone_name, model = lora_case
+    components = _parse_components(model.parameter_summary(detailed=True))
+    assert components["backbone"] == (VIT_S_LORA_R8_PARAMS, VIT_S_PARAMS[backbone_name] + VIT_S_LORA_R8_PARAMS)
     backbone = list(model.backbone.named_parameters())
     n_trainable = sum(p.numel() for _, p in backbone if p.requires_grad)
     n_total = sum(p.numel() for _, p in backbone)

@@ -28,7 +28,8 @@ from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import build_model, validate_config
 from nnunetv2.vit.errors import ConfigError, NonFiniteTrainingError
-from nnunetv2.vit.trainer import add_vit_config, load_pretrained_network, nnUNetTrainer_vit
+from nnunetv2.vit.stored import add_vit_config, load_pretrained_network
+from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +244,7 @@ def test_checkpoint_of_another_model_is_refused(nnunet_env):
     path = os.path.join(trainer.output_folder, "checkpoint_final.pth")
     trainer.save_checkpoint(path)
     other = make_trainer(model={**TINY_MODEL, "decoder": {"fusion_hidden_size": 8}})
-    with pytest.raises(ConfigError, match="different model"):
+    with pytest.raises(ConfigError, match="checkpoint_final.pth holds a model trained with a different config"):
         other.load_checkpoint(path)
     with pytest.raises(RuntimeError, match="corrupt or truncated"):
         other.load_checkpoint(os.path.join(trainer.output_folder, "missing.pth"))
@@ -275,7 +276,7 @@ def test_prediction_input_errors_write_nothing(nnunet_env, tmp_path, capsys):
     other = make_trainer(model={**TINY_MODEL, "decoder": {"fusion_hidden_size": 8}})
     other.save_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base], capsys)
-    assert code == 2 and "holds a different model" in err
+    assert code == 2 and "checkpoint_final.pth holds a model trained with a different config" in err
 
     code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base[:2], "-c", "2d", "-tr", "Other",
                                            *base[4:]], capsys)
@@ -506,7 +507,7 @@ def test_named_2d_configurations_keep_models_of_one_dataset_apart(nnunet_env, tm
         train_cli.main([str(DATASET_ID), name, "0", "--config", str(tmp_path / f"{name[3:]}.yaml"), "-device", "cpu"])
     code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d_dpt", "0", "--config", str(tmp_path / "primus.yaml"),
                                          "-device", "cpu"], capsys)
-    assert code == 2 and "already holds a model trained with a different config" in err
+    assert code == 2 and "holds a model trained with a different config" in err and "--config" in err
     assert "own configuration name, e.g. '2d_primus' instead of '2d_dpt'" in err
     predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(tmp_path / "predictions"), "-d", str(DATASET_ID),
                       "-c", "2d_primus", "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"])

@@ -50,6 +50,12 @@ class BackboneFamily:
     drop_prefixes: Tuple[str, ...] = ()  # pretraining-only tensors (MAE decoder, iBOT mask embedding)
 
 
+def file_only_vit16(size: str, **checkpoint_format) -> BackboneFamily:
+    """A plain timm ViT/16 whose weights come only from a released checkpoint file (RETFound, VisionFM)."""
+    return BackboneFamily(timm_name="vit_{size}_patch16_224", sizes=(size,), patch_size=16, pretrained_tag=None,
+                          checkpoint_filter=vit_checkpoint_filter, **checkpoint_format)
+
+
 BACKBONES: Dict[str, BackboneFamily] = {
     "dinov3": BackboneFamily(
         timm_name="vit_{size}_patch16_dinov3",
@@ -65,23 +71,11 @@ BACKBONES: Dict[str, BackboneFamily] = {
         pretrained_tag="lvd142m",
         checkpoint_filter=vit_checkpoint_filter,
     ),
-    "retfound": BackboneFamily(
-        timm_name="vit_{size}_patch16_224",
-        sizes=("large",),
-        patch_size=16,
-        pretrained_tag=None,
-        checkpoint_filter=vit_checkpoint_filter,
-        drop_prefixes=("decoder_", "mask_token"),
-    ),
-    "visionfm": BackboneFamily(
-        timm_name="vit_{size}_patch16_224",
-        sizes=("base",),
-        patch_size=16,
-        pretrained_tag=None,
-        checkpoint_filter=vit_checkpoint_filter,
-        wrapper_keys=("teacher", "model", "state_dict"),
-        drop_prefixes=("masked_embed", "head.", "fc_norm."),
-    ),
+    # MAE checkpoint: {"model": ...} with the MAE decoder and mask token next to the encoder.
+    "retfound": file_only_vit16("large", drop_prefixes=("decoder_", "mask_token")),
+    # DINO/iBOT checkpoint: {"teacher": ...} with module./backbone. prefixes, iBOT's mask embedding and DINO head.
+    "visionfm": file_only_vit16("base", wrapper_keys=("teacher", "model", "state_dict"),
+                                drop_prefixes=("masked_embed", "head.", "fc_norm.")),
 }
 
 _STRIP_PREFIXES = ("module.", "backbone.")

@@ -3,8 +3,9 @@
 A config has three sections. ``model`` names the model module and its backbone/decoder options,
 ``lora`` the peft adapters, ``train`` the optimisation settings. Keys left out keep the defaults
 below, which for ``train`` are upstream nnU-Net's; ``inherits: other.yaml`` starts from another
-config, so a file lists only what differs. The resolved config (a plain dict, defaults filled in)
-is what travels with a trained model in its plans.json and checkpoints.
+config, so a file lists only what differs. Each field carries its type, default and constraint
+(``option``); a resolved ``ViTConfig`` is read by attribute, and its ``to_dict()`` is what travels
+with a trained model in its plans.json and checkpoints.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -41,55 +42,86 @@ def builtin_model_modules() -> List[str]:
     return sorted(f"{MODEL_PACKAGE}.{path.stem}" for path in folder.glob("model_*.py"))
 
 
+def option(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None,
+           choices: Tuple[Any, ...] = (), positive: bool = False, non_negative: bool = False) -> Any:
+    """A config field: its default (or ``factory``) and the constraint its value must meet."""
+    metadata = {"choices": choices, "positive": positive, "non_negative": non_negative}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class ModelSection:
-    model_path: str = "nnunetv2.model.model_dpt"
-    backbone: str = "dinov3"
-    backbone_size: str = "large"
-    checkpoint_path: Optional[str] = None
-    pretrained: bool = True
-    trust_checkpoint: bool = False  # load checkpoint_path as a full pickle: only for files whose source you trust
-    decoder: Dict[str, Any] = field(default_factory=dict)
+    """``model``: which model module, backbone and weights; ``decoder`` holds the module's decoder options."""
+
+    model_path: str = option("nnunetv2.model.model_dpt")  # a module with create_segmentation_model
+    backbone: str = option("dinov3")  # a family of nnunetv2/model/backbone.py, checked there with its sizes
+    backbone_size: str = option("large")
+    checkpoint_path: Optional[str] = option(None)  # local backbone weights file; "" = none
+    pretrained: bool = option(True)  # download timm weights when there is no checkpoint_path
+    trust_checkpoint: bool = option(False)  # load checkpoint_path as a full pickle (it can run code)
+    decoder: Dict[str, Any] = option(factory=dict)  # checked against the factory's keyword-only parameters
 
 
 @dataclass
 class LoraSection:
-    enabled: bool = False
-    r: int = 8
-    lora_alpha: float = 16.0
-    target_modules: List[str] = field(default_factory=lambda: ["qkv"])
-    lora_dropout: float = 0.05
+    """``lora``: peft LoRA adapters on the backbone."""
+
+    enabled: bool = option(False)
+    r: int = option(8, positive=True)
+    lora_alpha: float = option(16.0, positive=True)
+    target_modules: List[str] = option(factory=lambda: ["qkv"])
+    lora_dropout: float = option(0.05, non_negative=True)
 
 
 @dataclass
 class TrainSection:
-    initial_lr: float = 1e-2
-    weight_decay: float = 3e-5
-    gradient_clip: float = 12.0
-    num_epochs: int = 1000
-    num_iterations_per_epoch: int = 250
-    num_val_iterations_per_epoch: int = 50
-    optimizer: str = "sgd"
-    warmup_epochs: int = 0
-    precision: str = "auto"
-    compile: str = "auto"
-    gradient_checkpointing: bool = False
-    batch_size: Optional[int] = None
-    max_nonfinite_steps: int = 25
-    save_every: int = 50
+    """``train``: optimisation settings; the defaults are upstream nnU-Net's."""
+
+    initial_lr: float = option(1e-2, positive=True)
+    weight_decay: float = option(3e-5, non_negative=True)
+    gradient_clip: float = option(12.0, positive=True)
+    num_epochs: int = option(1000, positive=True)
+    num_iterations_per_epoch: int = option(250, positive=True)
+    num_val_iterations_per_epoch: int = option(50, positive=True)
+    optimizer: str = option("sgd", choices=("sgd", "adamw"))
+    warmup_epochs: int = option(0, non_negative=True)
+    precision: str = option("auto", choices=("auto", "fp32", "fp16", "bf16"))
+    compile: str = option("auto", choices=("auto", "true", "false"))
+    gradient_checkpointing: bool = option(False)
+    batch_size: Optional[int] = option(None, positive=True)
+    max_nonfinite_steps: int = option(25, positive=True)
+    save_every: int = option(50, positive=True)
 
 
 SECTIONS = {"model": ModelSection, "lora": LoraSection, "train": TrainSection}
 
-CHOICES = {
-    ("train", "optimizer"): ("sgd", "adamw"),
-    ("train", "precision"): ("auto", "fp32", "fp16", "bf16"),
-    ("train", "compile"): ("auto", "true", "false"),
-}
-POSITIVE = {("train", k) for k in ("initial_lr", "num_epochs", "num_iterations_per_epoch", "gradient_clip",
-                                   "num_val_iterations_per_epoch", "batch_size", "max_nonfinite_steps", "save_every")}
-POSITIVE |= {("lora", "r"), ("lora", "lora_alpha")}
-NON_NEGATIVE = {("train", "weight_decay"), ("train", "warmup_epochs"), ("lora", "lora_dropout")}
+
+@dataclass
+class ViTConfig:
+    """A resolved config: every key of every section, defaults filled in. ``from_dict`` validates a YAML mapping;
+    ``to_dict`` is what the plans and checkpoints store, ``from_stored`` reads it back."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> "ViTConfig":
+        """Check a parsed YAML mapping (one-line ``ConfigError`` naming ``source``, the key and the valid values)."""
+        return validate_config(raw, source)
+
+    @classmethod
+    def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
+        """A config stored with a trained model (validated when its training started); keys added since then take
+        their defaults. Not validated again: its backbone file need not exist where the model is used."""
+        return cls(**{name: section(**{f.name: stored.get(name, {})[f.name] for f in dataclasses.fields(section)
+                                       if f.name in stored.get(name, {})})
+                      for name, section in SECTIONS.items()})
+
+    def to_dict(self) -> Dict[str, Dict[str, Any]]:
+        return dataclasses.asdict(self)
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -114,28 +146,29 @@ def _type_name(annotation: Any) -> str:
 
 
 def _check_section(name: str, values: Any, source: str) -> Any:
+    """A section's dataclass from its YAML mapping: every key known, of its field's type, meeting its constraint."""
     cls = SECTIONS[name]
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {type(values).__name__}.")
     hints = typing.get_type_hints(cls)
-    valid = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
-        if key not in hints:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'. Valid keys in '{name}': {', '.join(valid)}.")
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}'. Valid keys in '{name}': {', '.join(fields)}.")
         if name == "train" and key == "compile" and isinstance(value, bool):
             value = values[key] = str(value).lower()
         if not _type_ok(value, hints[key]):
             raise ConfigError(
                 f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})."
             )
-        if (name, key) in CHOICES and value not in CHOICES[name, key]:
-            choices = ", ".join(CHOICES[name, key])
-            raise ConfigError(f"{source}: '{name}.{key}' must be one of {choices}, got {value!r}.")
-        if (name, key) in POSITIVE and value is not None and value <= 0:
+        rules = fields[key].metadata
+        if rules["choices"] and value not in rules["choices"]:
+            raise ConfigError(f"{source}: '{name}.{key}' must be one of {', '.join(rules['choices'])}, got {value!r}.")
+        if rules["positive"] and value is not None and value <= 0:
             raise ConfigError(f"{source}: '{name}.{key}' must be positive, got {value!r}.")
-        if (name, key) in NON_NEGATIVE and value < 0:
+        if rules["non_negative"] and value < 0:
             raise ConfigError(f"{source}: '{name}.{key}' must not be negative, got {value!r}.")
     return cls(**values)
 
@@ -188,7 +221,7 @@ def _check_model(model: ModelSection, source: str) -> None:
                               f"got {value!r} ({type(value).__name__}).")
 
 
-def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any]]:
+def validate_config(raw: Any, source: str = "config") -> ViTConfig:
     """Check a parsed YAML mapping and return the resolved config (every key, defaults filled in)."""
     if not isinstance(raw, dict):
         raise ConfigError(
@@ -205,7 +238,7 @@ def validate_config(raw: Any, source: str = "config") -> Dict[str, Dict[str, Any
     if train.warmup_epochs >= train.num_epochs:
         raise ConfigError(f"{source}: 'train.warmup_epochs' ({train.warmup_epochs}) must be smaller than "
                           f"'train.num_epochs' ({train.num_epochs}): the learning rate decays after the warm-up.")
-    return {name: dataclasses.asdict(section) for name, section in sections.items()}
+    return ViTConfig(**sections)
 
 
 def resolve_config_path(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
@@ -272,39 +305,37 @@ def read_config_file(path: Path, children: Tuple[Path, ...] = ()) -> Any:
     return _merged(read_config_file(parent, children + (path.resolve(),)), raw)
 
 
-def load_config(path: Union[str, Path]) -> Dict[str, Dict[str, Any]]:
+def load_config(path: Union[str, Path]) -> ViTConfig:
     """Read, validate and resolve a YAML config file."""
     path = resolve_config_path(path)
     return validate_config(read_config_file(path), str(path))
 
 
-def model_kwargs(
-    config: Dict[str, Dict[str, Any]], in_channels: int, num_classes: int, load_weights: bool
-) -> Dict[str, Any]:
+def model_kwargs(config: ViTConfig, in_channels: int, num_classes: int, load_weights: bool) -> Dict[str, Any]:
     """Keyword arguments for ``create_segmentation_model`` from a resolved config.
 
     ``load_weights=False`` builds the architecture only (prediction, resuming: the weights come
     from the nnU-Net checkpoint, so no download and no backbone file are needed).
     """
-    model, lora = config["model"], config["lora"]
+    model, lora = config.model, config.lora
     return dict(
-        backbone_name=model["backbone"],
-        backbone_size=model["backbone_size"],
+        backbone_name=model.backbone,
+        backbone_size=model.backbone_size,
         num_classes=num_classes,
-        checkpoint_path=model["checkpoint_path"] if load_weights else None,
-        pretrained=model["pretrained"] and load_weights,
-        trust_checkpoint=model.get("trust_checkpoint", False) and load_weights,  # configs stored before it existed
+        checkpoint_path=model.checkpoint_path if load_weights else None,
+        pretrained=model.pretrained and load_weights,
+        trust_checkpoint=model.trust_checkpoint and load_weights,
         in_channels=in_channels,
-        use_lora=lora["enabled"],
-        lora_rank=lora["r"],
-        lora_alpha=lora["lora_alpha"],
-        lora_dropout=lora["lora_dropout"],
-        lora_target_modules=lora["target_modules"],
-        **model["decoder"],
+        use_lora=lora.enabled,
+        lora_rank=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        lora_target_modules=lora.target_modules,
+        **model.decoder,
     )
 
 
-def build_model(config: Dict[str, Dict[str, Any]], in_channels: int, num_classes: int, load_weights: bool):
+def build_model(config: ViTConfig, in_channels: int, num_classes: int, load_weights: bool):
     """Build the segmentation network a resolved config describes."""
-    factory = import_model_module(config["model"]["model_path"]).create_segmentation_model
+    factory = import_model_module(config.model.model_path).create_segmentation_model
     return factory(**model_kwargs(config, in_channels, num_classes, load_weights))

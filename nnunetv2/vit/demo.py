@@ -146,18 +146,15 @@ def run(args: argparse.Namespace) -> None:
     plan_and_preprocess(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
 
     from nnunetv2.vit.config import load_config
-    from nnunetv2.vit.train import build_parser, results_folder, run as run_training, stored_config
-    from nnunetv2.vit.trainer import describe_model, same_model
+    from nnunetv2.vit.stored import require_same_model, stored_config
+    from nnunetv2.vit.train import build_parser, results_folder, run as run_training
 
     step("3/5 train DPT (nnUNetv2_train_vit.py)")
     config_file = demo_config(Path(args.config), args.pretrained, output)
     fold_folder = results_folder(dataset.name, "nnUNetTrainer_vit", "nnUNetPlans", "2d", "0")
-    stored = stored_config(fold_folder, "2d")
     if (fold_folder / "checkpoint_final.pth").is_file():
-        requested = load_config(config_file)
-        if stored is not None and not same_model(stored, requested):
-            raise ConfigError(f"{fold_folder.parent} holds a model trained with another config "
-                                  f"({describe_model(stored)}); delete it to retrain the demo.")
+        require_same_model(stored_config(fold_folder.parent / "plans.json", "2d"), load_config(config_file),
+                           str(fold_folder.parent), str(config_file), "Delete that folder to retrain the demo.")
         print(f"already trained: {fold_folder / 'checkpoint_final.pth'}")
     else:
         train_args = ["999", "2d", "0", "--config", str(config_file), "-device", device]

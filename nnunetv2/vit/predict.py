@@ -43,7 +43,8 @@ class ViTPredictor(nnUNetPredictor):
                                              trainer_class: Optional[type] = None) -> None:
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
         from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-        from nnunetv2.vit.trainer import find_trainer_class, network_weights, read_training_checkpoint
+        from nnunetv2.vit.stored import network_weights, read_training_checkpoint
+        from nnunetv2.vit.trainer import find_trainer_class
 
         if use_folds is None:
             use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
@@ -103,9 +104,7 @@ def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) 
     channel count."""
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
-    from nnunetv2.vit.trainer import (
-        describe_model, read_training_checkpoint, same_model, stored_vit_config, vit_config_in_plans,
-    )
+    from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
 
     args = _known_args(argv)
     if None in (args.i, args.d, args.c):
@@ -114,7 +113,7 @@ def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) 
     if not (model_folder / "plans.json").is_file():
         raise ConfigError(f"No trained model in {model_folder} (check -d, -tr, -p and -c).")
     plans = load_json(str(model_folder / "plans.json"))
-    config = vit_config_in_plans(plans, args.c)
+    config = stored_config(plans, args.c)
     if config is None:
         raise ConfigError(f"{model_folder / 'plans.json'} holds no ViT model config for configuration '{args.c}'.")
 
@@ -125,10 +124,8 @@ def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) 
                               f"(e.g. -f 0) or another checkpoint with -chk.")
         # mmap: only the small metadata is read here, the weights are read once by the predictor
         checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust_checkpoint)
-        stored = stored_vit_config(checkpoint, args.c)
-        if stored is not None and not same_model(stored, config):
-            raise ConfigError(f"{checkpoint_file} holds a different model ({describe_model(stored)}) than "
-                              f"{model_folder / 'plans.json'} ({describe_model(config)}).")
+        require_same_model(stored_config(checkpoint, args.c), config, str(checkpoint_file),
+                           str(model_folder / "plans.json"))
 
     dataset_json = load_json(str(model_folder / "dataset.json"))
     expected = len(dataset_json["channel_names"])

@@ -26,10 +26,10 @@ from nnunetv2.vit.cli import (
 )
 from nnunetv2.vit.config import load_config
 from nnunetv2.vit.errors import CheckpointReadError, ConfigError
-from nnunetv2.vit.trainer import (
-    add_vit_config, describe_model, find_trainer_class, load_pretrained_network, nnUNetTrainer_vit,
-    read_training_checkpoint, same_model, vit_config_in_plans,
+from nnunetv2.vit.stored import (
+    add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
+from nnunetv2.vit.trainer import find_trainer_class, nnUNetTrainer_vit
 
 PROG = "nnUNetv2_train_vit.py"
 NAMED_BASE = "2d"  # '2d_<name>' configurations inherit from it
@@ -127,14 +127,6 @@ def first_readable_checkpoint(fold_folder: Path, names: Sequence[str],
     return None
 
 
-def stored_config(fold_folder: Path, configuration: str) -> Optional[dict]:
-    """The ViT config of an existing training in this results folder (from its plans.json)."""
-    plans_file = fold_folder.parent / "plans.json"
-    if not plans_file.is_file():
-        return None
-    return vit_config_in_plans(load_json(str(plans_file)), configuration)
-
-
 def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: Optional[dict],
                    fold_folder: Path) -> dict:
     """The config to train with: the YAML file's, or for --c/--val the one stored with the results."""
@@ -143,15 +135,11 @@ def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: 
             raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
                               + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
         return stored
-    if stored is not None and not same_model(stored, requested):
-        stem = Path(args.config).stem
-        name = stem if stem.startswith(f"{NAMED_BASE}_") else f"{NAMED_BASE}_{stem}"
-        raise ConfigError(
-            f"{fold_folder.parent} already holds a model trained with a different config ({describe_model(stored)}); "
-            f"--config asks for {describe_model(requested)}. Give this model its own configuration name"
-            + (f", e.g. '{name}' instead of '{args.configuration}'" if name != args.configuration else "")
-            + ", or use the same config."
-        )
+    stem = Path(args.config).stem
+    name = stem if stem.startswith(f"{NAMED_BASE}_") else f"{NAMED_BASE}_{stem}"
+    example = f", e.g. '{name}' instead of '{args.configuration}'" if name != args.configuration else ""
+    require_same_model(stored, requested, str(fold_folder.parent), f"--config {args.config}",
+                       f"Give this model its own configuration name{example}, or use the same config.")
     return requested
 
 
@@ -225,7 +213,7 @@ def run(args: argparse.Namespace) -> None:
 
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
-    stored = stored_config(fold_folder, args.configuration)
+    stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
     config = resolve_config(args, requested, stored, fold_folder)
 
     found = None

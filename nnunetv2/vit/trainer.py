@@ -1,13 +1,12 @@
 """nnUNetTrainer_vit: upstream nnU-Net training for ViT segmentation models configured by YAML.
 
-The resolved YAML config lives in the plans, under ``configurations[<name>]["vit_config"]``:
-upstream copies the plans into the results folder and every checkpoint, so prediction and
-``--val`` rebuild the network from there, without the YAML file or any download.
+The resolved YAML config lives in the plans (``stored.py``): upstream copies the plans into the
+results folder and every checkpoint, so prediction and ``--val`` rebuild the network from there,
+without the YAML file or any download.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from typing import List, Optional, Union
@@ -26,24 +25,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from nnunetv2.model.checkpoint_io import CorruptCheckpointError, UntrustedCheckpointError, read_checkpoint
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.config import build_model
-from nnunetv2.vit.errors import CheckpointReadError, CheckpointWriteError, ConfigError, NonFiniteTrainingError
-
-VIT_CONFIG_KEY = "vit_config"
-
-
-def vit_config_of(configuration_manager: ConfigurationManager) -> dict:
-    """The resolved ViT config stored in a configuration of the plans."""
-    config = configuration_manager.configuration.get(VIT_CONFIG_KEY)
-    if config is None:
-        raise ConfigError(
-            "These plans hold no ViT model config: train with `nnUNetv2_train_vit.py ... --config CONFIG.yaml`, "
-            "which stores it in the plans and checkpoints."
-        )
-    return config
-
+from nnunetv2.vit.errors import CheckpointWriteError, ConfigError, NonFiniteTrainingError
+from nnunetv2.vit.stored import (
+    network_weights, read_training_checkpoint, require_same_model, required_config, stored_config,
+)
 
 class WarmupPolyLRScheduler:
     """Linear warm-up to ``initial_lr`` for ``warmup_steps`` epochs, then nnU-Net's poly decay."""
@@ -72,18 +59,18 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 f"ViT models are 2D, but configuration '{configuration}' has a "
                 f"{len(self.configuration_manager.patch_size)}D patch size. Use the '2d' configuration."
             )
-        self.vit_config = vit_config_of(self.configuration_manager)
-        train = self.vit_config["train"]
-        self.initial_lr = train["initial_lr"]
-        self.weight_decay = train["weight_decay"]
-        self.num_epochs = train["num_epochs"]
-        self.num_iterations_per_epoch = train["num_iterations_per_epoch"]
-        self.num_val_iterations_per_epoch = train["num_val_iterations_per_epoch"]
-        self.save_every = train["save_every"]
+        self.vit_config = required_config(self.configuration_manager)
+        train = self.vit_config.train
+        self.initial_lr = train.initial_lr
+        self.weight_decay = train.weight_decay
+        self.num_epochs = train.num_epochs
+        self.num_iterations_per_epoch = train.num_iterations_per_epoch
+        self.num_val_iterations_per_epoch = train.num_val_iterations_per_epoch
+        self.save_every = train.save_every
         self.enable_deep_supervision = False
         if self.is_ddp and device.type != "cuda":
             self.device = device  # upstream moves every DDP rank to a GPU; gloo on CPU keeps the CPU
-        self.precision = self._resolve_precision(train["precision"])
+        self.precision = self._resolve_precision(train.precision)
         # Loss scaling is needed for fp16 only; upstream makes a scaler for any CUDA device and none elsewhere.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         # Set to False (resume, --val) to build the architecture only: the weights come from a checkpoint.
@@ -120,14 +107,14 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> torch.nn.Module:
         """Architecture only (no weight download); used by upstream's predictor."""
-        return build_model(vit_config_of(configuration_manager), num_input_channels, num_output_channels,
+        return build_model(required_config(configuration_manager), num_input_channels, num_output_channels,
                            load_weights=False)
 
     def _build_training_network(self) -> torch.nn.Module:
         """The network with the pretrained backbone (unless resuming) and the memory settings applied."""
         network = build_model(self.vit_config, self.num_input_channels, self.label_manager.num_segmentation_heads,
                               load_weights=self.load_pretrained_backbone)
-        if self.vit_config["train"]["gradient_checkpointing"]:
+        if self.vit_config.train.gradient_checkpointing:
             network.set_grad_checkpointing(True)
         return network
 
@@ -184,7 +171,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
 
     def _do_i_compile(self) -> bool:
         """``auto``: upstream's rule (CUDA unless ``nnUNet_compile`` says no); ``true``: CUDA and CPU (inductor)."""
-        setting = self.vit_config["train"]["compile"]
+        setting = self.vit_config.train.compile
         if setting == "auto":
             return super()._do_i_compile()
         return setting == "true" and self.device.type in ("cuda", "cpu")
@@ -195,10 +182,10 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return self.device.type in ("cuda", "cpu")
 
     def configure_optimizers(self):
-        train = self.vit_config["train"]
+        train = self.vit_config.train
         params = [p for p in self.network.parameters() if p.requires_grad]
         fused = self.fused_optimizer
-        if train["optimizer"] == "adamw":
+        if train.optimizer == "adamw":
             optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay,
                                           betas=(0.9, 0.98), fused=fused)
         else:
@@ -209,7 +196,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             # momentum starts (dampening 0), so a skipped first step cannot leave garbage behind.
             for param in params:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
-        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train["warmup_epochs"])
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train.warmup_epochs)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """ViT models have a single output; nothing to switch."""
@@ -218,7 +205,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         super().on_train_start()
         self.print_to_log_file(f"ViT config: {self.vit_config}", also_print_to_console=False)
         compiled = "on" if self._do_i_compile() else "off"
-        if compiled == "off" and self.vit_config["train"]["compile"] == "true":
+        if compiled == "off" and self.vit_config.train.compile == "true":
             compiled += f" (train.compile: true applies to CUDA and CPU; this is {self.device.type})"
         self.print_to_log_file(f"precision: {self.precision}, torch.compile: {compiled}\n"
                                f"{self.model.parameter_summary(detailed=True)}")
@@ -261,7 +248,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 self.grad_scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.vit_config["train"]["gradient_clip"])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.vit_config.train.gradient_clip)
         loss_finite = torch.isfinite(loss.detach())
         finite = (loss_finite & torch.isfinite(grad_norm)).to(torch.int32)
         if self.is_ddp:  # gradients are already averaged; a loss may be non-finite in one process only
@@ -322,7 +309,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 f"Skipped training steps in this epoch: {nonfinite} with a non-finite loss or gradient, {overflows} "
                 f"fp16 gradient overflows{scale}. They changed nothing. So far: {self.nonfinite_total} and "
                 f"{self.fp16_overflows}.")
-        limit = self.vit_config["train"]["max_nonfinite_steps"]
+        limit = self.vit_config.train.max_nonfinite_steps
         if int(self.longest_streak) >= limit:
             raise NonFiniteTrainingError(
                 f"Training stopped: {limit} consecutive steps had a non-finite loss or gradient. The last good "
@@ -383,10 +370,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             checkpoint = read_training_checkpoint(filename_or_checkpoint, trust=self.trust_checkpoint)
         else:
             name, checkpoint = "checkpoint", filename_or_checkpoint
-        stored = stored_vit_config(checkpoint, self.configuration_name)
-        if stored is not None and not same_model(stored, self.vit_config):
-            raise ConfigError(f"{name} was trained with a different model ({describe_model(stored)}) than the config "
-                              f"asks for ({describe_model(self.vit_config)}).")
+        require_same_model(stored_config(checkpoint, self.configuration_name), self.vit_config, name,
+                           "the config")
         if not self.was_initialized:
             self.initialize()
         self.model.load_state_dict(network_weights(checkpoint))
@@ -418,80 +403,3 @@ def find_trainer_class(name: str) -> type:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     return recursive_find_trainer_class_by_name(name)
-
-
-def read_training_checkpoint(path: str, mmap: bool = False, trust: bool = False) -> dict:
-    """Load an nnU-Net checkpoint as data (``trust``: as a full pickle, which can run code), with an error naming
-    the file if it is corrupt or truncated, or holds more than data.
-
-    ``mmap`` maps the tensors instead of reading them: cheap when only the metadata is needed.
-    """
-    try:
-        return read_checkpoint(path, trust=trust, mmap=mmap, opt_in="pass --trust_checkpoint to the command")
-    except CorruptCheckpointError as err:
-        raise CheckpointReadError(str(err)) from err
-
-
-def network_weights(checkpoint: dict) -> dict:
-    """A checkpoint's network weights, without the ``module.`` prefix of a DDP-wrapped network."""
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
-
-
-def load_pretrained_network(model: torch.nn.Module, path: str, trust: bool = False) -> None:
-    """Initialise ``model`` from the network weights of another nnU-Net training of the same model (e.g. on
-    another dataset), as upstream's ``-pretrained_weights``: every tensor but the classifier's is copied,
-    and must exist with the same shape."""
-    try:
-        checkpoint = read_training_checkpoint(path, mmap=True, trust=trust)
-    except (CheckpointReadError, UntrustedCheckpointError) as err:
-        raise ConfigError(f"-pretrained_weights: {err}") from err
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise ConfigError(f"-pretrained_weights {path} is not an nnU-Net checkpoint (no 'network_weights'); "
-                          f"backbone weights (timm, DINOv3, RETFound, ...) go into model.checkpoint_path instead.")
-    weights = network_weights(checkpoint)
-    own = model.state_dict()
-    classifier = model.classifier_keys()
-    transfer = [k for k in own if k not in classifier]
-    misfits = [k for k in transfer if k not in weights or weights[k].shape != own[k].shape]
-    if misfits:
-        raise ConfigError(
-            f"-pretrained_weights {path} does not fit this model: {len(misfits)} of {len(transfer)} tensors are "
-            f"missing or have another shape (e.g. {', '.join(misfits[:3])}). It must come from a training with the "
-            f"same model config (backbone, size, decoder, LoRA); only the number of classes may differ.")
-    model.load_state_dict({k: weights[k] for k in transfer}, strict=False)
-    logging.getLogger(__name__).info("Loaded %d tensors from %s; classifier (%s) left at initialisation.",
-                                     len(transfer), path, ", ".join(classifier))
-
-
-def add_vit_config(plans: dict, configuration: str, config: dict) -> None:
-    """Store the resolved ViT config in the plans (where the trainer, results and checkpoints read it)
-    and apply its ``train.batch_size`` override to the planned batch size."""
-    planned = plans["configurations"][configuration]
-    planned[VIT_CONFIG_KEY] = config
-    if config["train"]["batch_size"] is not None:
-        planned["batch_size"] = config["train"]["batch_size"]
-
-
-def vit_config_in_plans(plans: dict, configuration: str) -> Optional[dict]:
-    """The ViT config stored in a plans dict (results plans.json, checkpoint init args), if any."""
-    return plans.get("configurations", {}).get(configuration, {}).get(VIT_CONFIG_KEY)
-
-
-def stored_vit_config(checkpoint: dict, configuration: str) -> Optional[dict]:
-    """The ViT config recorded in a checkpoint's trainer init args, if any."""
-    return vit_config_in_plans(checkpoint.get("init_args", {}).get("plans", {}), configuration)
-
-
-def same_model(a: dict, b: dict) -> bool:
-    """Whether two configs describe the same network architecture (weights sources may differ)."""
-    def arch(config: dict) -> tuple:
-        model = {k: v for k, v in config["model"].items()
-                 if k not in ("checkpoint_path", "pretrained", "trust_checkpoint")}
-        return model, config["lora"]
-    return arch(a) == arch(b)
-
-
-def describe_model(config: dict) -> str:
-    model = config["model"]
-    lora = " + LoRA" if config["lora"]["enabled"] else ""
-    return f"{model['model_path']}, {model['backbone']} {model['backbone_size']}, decoder {model['decoder']}{lora}"
