@@ -60,6 +60,16 @@ BAD_CONFIGS = {
     "bool as string": (with_change("lora", "enabled", "yes"), "'lora.enabled' must be bool"),
     "target_modules not a list": (with_change("lora", "target_modules", "qkv"), "'lora.target_modules' must be"),
     "not a mapping": ([1, 2, 3], "expected a mapping"),
+    "negative neck width": (with_change("model", "decoder", {"neck_hidden_sizes": [-96, 192, 384, 384]}),
+                            "cannot build this model from model.decoder and lora (RuntimeError: Trying to create "
+                            "tensor with negative dimension -96"),
+    "three neck widths": (with_change("model", "decoder", {"neck_hidden_sizes": [96, 192, 384]}),
+                          "(ValueError: neck_hidden_sizes needs 4 entries"),
+    "bogus readout": (with_change("model", "decoder", {"readout_type": "bogus"}), "readout_type must be one of"),
+    "LoRA target the backbone lacks": ({**GOOD, "lora": {"enabled": True, "target_modules": ["q_proj"]}},
+                                       "LoRA target_modules {'q_proj'} do not fit this backbone"),
+    "no LoRA target": ({**GOOD, "lora": {"target_modules": []}},
+                       "'lora.target_modules' must name at least one; leave it out for ['qkv']"),
     "decoder width as string": (with_change("model", "decoder", {"fusion_hidden_size": "64"}),
                                 "'model.decoder.fusion_hidden_size' must be int, got '64' (str)"),
     "detail_path as string": (with_change("model", "decoder", {"detail_path": "yes"}),
@@ -200,3 +210,18 @@ def test_unreadable_config_files_are_one_line(tmp_path):
                                  "PYTHONCOERCECLOCALE": "0",
                                  "HF_HUB_OFFLINE": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("code,expected", [
+    ("raise RuntimeError('no GPU library here')", "cannot be imported (RuntimeError: no GPU library here)"),
+    ("def create_segmentation_model(*args, **kwargs):\n    raise KeyError('head')",
+     "cannot build this model from model.decoder and lora (KeyError: 'head')"),
+])
+def test_a_user_model_module_that_raises_is_one_line(tmp_path, monkeypatch, code, expected):
+    (tmp_path / "my_decoder.py").write_text(code + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "model": {**GOOD["model"], "model_path": "my_decoder", "decoder": {}}}))
+    with pytest.raises(ConfigError, match=re.escape(expected)) as err:
+        load_config(path)
+    assert "\n" not in str(err.value) and str(path) in str(err.value)

@@ -8,7 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
@@ -226,6 +228,18 @@ def test_full_disk_during_checkpoint_write_is_one_clear_error(interrupted_checkp
     assert torch.load(target, weights_only=False)["current_epoch"] == 5
 
 
+def test_full_disk_reported_by_torch_is_one_clear_error_too(interrupted_checkpoint_write, capsys, monkeypatch):
+    """torch.save raises RuntimeError, not OSError, when the disk fills up; the user sees the same line."""
+    target, write = interrupted_checkpoint_write
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2 ** 30, 2 ** 30, 0))
+    torch_full_disk = RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos 21248 vs 21136")
+    code, err = run_cli(lambda argv: cli.run_main("nnUNetv2_train_vit.py", lambda: write(torch_full_disk)), [],
+                        capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"error: Cannot write checkpoint {target}: [Errno 28] No space left on device" in err
+    assert not os.path.exists(f"{target}.partial")
+
+
 def test_resume_skips_an_unreadable_checkpoint(nnunet_env, capsys):
     trainer = make_trainer()
     folder = trainer.output_folder
@@ -269,6 +283,12 @@ def test_prediction_input_errors_write_nothing(nnunet_env, tmp_path, capsys):
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(grey / "case_0000.png")
     code, err = run_cli(predict_cli.main, ["-i", str(grey), *base], capsys)
     assert code == 2 and "expects 3 input channel(s)" in err and "has 1" in err
+
+    unsuffixed = tmp_path / "unsuffixed"
+    unsuffixed.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(unsuffixed / "case.png")
+    code, err = run_cli(predict_cli.main, ["-i", str(unsuffixed), *base], capsys)
+    assert code == 2 and "must be named CASE_XXXX.png" in err and "e.g. case.png" in err
 
     code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base[:4], "-f", "1", *base[6:]], capsys)
     assert code == 2 and "fold_1" in err and "not found" in err
@@ -606,3 +626,109 @@ def test_initialize_follows_upstreams(nnunet_env, monkeypatch):
         "initial_lr": 0.02, "weight_decay": 3e-5, "oversample_foreground_percent": 0.33,
         "probabilistic_oversampling": False, "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50,
         "num_epochs": 7, "enable_deep_supervision": False, "batch_size": 2}}]
+
+
+def tiny_config(tmp_path, **train) -> str:
+    config = tmp_path / "tiny_config.yaml"
+    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {
+        "num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1, **train}}))
+    return str(config)
+
+
+def test_a_second_training_of_a_fold_is_refused_while_the_first_runs(nnunet_env, tmp_path, capsys, cpu_command):
+    """Two trainings into one fold interleaved their checkpoints; the second is refused while the first's process
+    lives, and a lock left by a killed training is taken over."""
+    import json
+    import socket
+
+    _, _, results = nnunet_env
+    fold = results / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d" / "fold_0"
+    fold.mkdir(parents=True)
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (fold / ".training.lock").write_text(json.dumps({"pid": first.pid, "host": socket.gethostname(),
+                                                         "started": "2026-11-27 10:00:00"}))
+        argv = [str(DATASET_ID), "2d", "0", "--config", tiny_config(tmp_path), "-device", "cpu"]
+        code, err = run_cli(train_cli.main, argv, capsys)
+        assert code == 2 and f"Another training (PID {first.pid} on {socket.gethostname()}" in err
+        assert f"is writing to {fold}" in err and err.count("\n") == 1
+        assert [p.name for p in fold.iterdir()] == [".training.lock"]  # nothing written
+    finally:
+        first.kill()
+        first.wait()
+    train_cli.main(argv)  # the first is gone (as after a kill -9): its lock is taken over
+    assert (fold / "checkpoint_final.pth").is_file() and not (fold / ".training.lock").exists()
+
+
+def test_unwritable_results_out_of_memory_and_unknown_labels_are_one_line(nnunet_env, tmp_path, capsys,
+                                                                         monkeypatch, cpu_command):
+    root, _, results = nnunet_env
+    argv = [str(DATASET_ID), "2d", "0", "--config", tiny_config(tmp_path), "-device", "cpu"]
+    with monkeypatch.context() as patch:  # as on a read-only file system (root may write anywhere here)
+        patch.setattr(train_cli.os, "access", lambda path, mode: False)
+        code, err = run_cli(train_cli.main, argv, capsys)
+    assert code == 2 and "(read-only or no permission)" in err and "Set nnUNet_results" in err
+    assert not results.exists()
+
+    def out_of_memory(self, batch):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: not enough memory: you "
+                           "tried to allocate 98765432100 bytes.")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nnUNetTrainer_vit, "train_step", out_of_memory)
+        code, err = run_cli(train_cli.main, argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "Out of cpu memory at batch size 2 of 96x96 patches: lower train.batch_size" in err
+
+    bad = root / "preprocessed" / "Dataset557_BadLabel"
+    shutil.copytree(root / "preprocessed" / f"Dataset{DATASET_ID}_DemoFundus", bad)
+    try:
+        label_file = sorted((bad / "gt_segmentations").glob("*.png"))[1]
+        label = np.asarray(Image.open(label_file)).copy()
+        label[0, 0] = 7
+        Image.fromarray(label).save(label_file)
+        code, err = run_cli(train_cli.main, ["557", *argv[1:]], capsys)
+        assert code == 2 and f"{label_file.name} holds label value(s) [7], which" in err
+        assert "(its labels: [0, 1, 2])" in err
+    finally:
+        shutil.rmtree(bad)
+
+
+def test_augmentation_workers_end_with_a_killed_training(nnunet_env, tmp_path):
+    """After kill -9 of a training, its data-augmentation worker processes end too (they lived on for minutes)."""
+    def children(pid: int) -> list:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    config = tiny_config(tmp_path, num_epochs=50, num_iterations_per_epoch=50)
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", nnUNet_n_proc_DA="2")
+    training = subprocess.Popen([sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config",
+                                 config, "-device", "cpu"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    try:
+        workers = []
+        deadline = time.monotonic() + 120
+        while len(workers) < 2 and time.monotonic() < deadline and training.poll() is None:
+            time.sleep(0.5)
+            workers = children(training.pid)
+        assert len(workers) >= 2, f"no augmentation workers appeared (exit code {training.poll()})"
+    finally:
+        training.kill()
+        training.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in workers if alive(pid)]

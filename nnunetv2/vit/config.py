@@ -14,11 +14,13 @@ import collections.abc
 import dataclasses
 import importlib
 import inspect
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import torch
 import yaml
 
 from nnunetv2.model.common import ViTSegmentationModel
@@ -43,9 +45,10 @@ def builtin_model_modules() -> List[str]:
 
 
 def option(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None,
-           choices: Tuple[Any, ...] = (), positive: bool = False, non_negative: bool = False) -> Any:
+           choices: Tuple[Any, ...] = (), positive: bool = False, non_negative: bool = False,
+           non_empty: bool = False) -> Any:
     """A config field: its default (or ``factory``) and the constraint its value must meet."""
-    metadata = {"choices": choices, "positive": positive, "non_negative": non_negative}
+    metadata = {"choices": choices, "positive": positive, "non_negative": non_negative, "non_empty": non_empty}
     if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -71,7 +74,7 @@ class LoraSection:
     enabled: bool = option(False)
     r: int = option(8, positive=True)
     lora_alpha: float = option(16.0, positive=True)
-    target_modules: List[str] = option(factory=lambda: ["qkv"])
+    target_modules: List[str] = option(factory=lambda: ["qkv"], non_empty=True)
     lora_dropout: float = option(0.05, non_negative=True)
 
 
@@ -170,6 +173,9 @@ def _check_section(name: str, values: Any, source: str) -> Any:
             raise ConfigError(f"{source}: '{name}.{key}' must be positive, got {value!r}.")
         if rules["non_negative"] and value < 0:
             raise ConfigError(f"{source}: '{name}.{key}' must not be negative, got {value!r}.")
+        if rules["non_empty"] and not value:
+            default = fields[key].default_factory()
+            raise ConfigError(f"{source}: '{name}.{key}' must name at least one; leave it out for {default}.")
     return cls(**values)
 
 
@@ -177,14 +183,35 @@ def import_model_module(model_path: str, source: str = "config"):
     """Import ``model.model_path`` and check it provides ``create_segmentation_model``."""
     try:
         module = importlib.import_module(model_path)
-    except ImportError as err:
+    except Exception as err:  # a user's module may fail to import in any way; each means the same here
         raise ConfigError(
-            f"{source}: model.model_path '{model_path}' cannot be imported ({err}). "
-            f"Built-in modules: {', '.join(builtin_model_modules())}."
+            f"{source}: model.model_path '{model_path}' cannot be imported ({type(err).__name__}: "
+            f"{_first_line(err)}). Built-in modules: {', '.join(builtin_model_modules())}."
         ) from err
     if not callable(getattr(module, "create_segmentation_model", None)):
         raise ConfigError(f"{source}: model.model_path '{model_path}' has no create_segmentation_model() factory.")
     return module
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def _check_builds(config: ViTConfig, source: str) -> None:
+    """Build the architecture on the meta device (no memory, no weights, no download), so options no model can be
+    built from (a negative width, a wrong count, LoRA targets the backbone lacks, a factory that raises) are one
+    line here, before any work, and not a traceback when training starts."""
+    model_logger = logging.getLogger(MODEL_PACKAGE)  # its info lines ("initialised randomly") are for real builds
+    level = model_logger.level
+    model_logger.setLevel(logging.WARNING)
+    try:
+        with torch.device("meta"):
+            build_model(config, in_channels=3, num_classes=2, load_weights=False)
+    except Exception as err:  # a factory (maybe a user's) can raise anything: each means this config builds nothing
+        raise ConfigError(f"{source}: {config.model.model_path} cannot build this model from model.decoder and "
+                          f"lora ({type(err).__name__}: {_first_line(err)}).") from err
+    finally:
+        model_logger.setLevel(level)
 
 
 def _check_model(model: ModelSection, source: str) -> None:
@@ -234,6 +261,7 @@ def validate_config(raw: Any, source: str = "config") -> ViTConfig:
         raise ConfigError(f"{source}: 'model.model_path' is required (e.g. nnunetv2.model.model_dpt).")
     sections = {name: _check_section(name, raw.get(name), source) for name in SECTIONS}
     _check_model(sections["model"], source)
+    _check_builds(ViTConfig(**sections), source)
     train = sections["train"]
     if train.warmup_epochs >= train.num_epochs:
         raise ConfigError(f"{source}: 'train.warmup_epochs' ({train.warmup_epochs}) must be smaller than "

@@ -19,3 +19,7 @@ class NonFiniteTrainingError(FloatingPointError):
 
 class CompileError(RuntimeError):
     """torch.compile failed on the model; training without it (train.compile: false) is the way out."""
+
+
+class OutOfMemoryError(RuntimeError):
+    """Training or validation ran out of memory; smaller batches, checkpointing or LoRA are the way out."""

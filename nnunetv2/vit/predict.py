@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -133,6 +134,11 @@ def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) 
     images = sorted(Path(args.i).glob(f"*{ending}")) if Path(args.i).is_dir() else []
     if not images:
         raise ConfigError(f"No input images ending in '{ending}' in {args.i}.")
+    misnamed = [path.name for path in images if not re.fullmatch(rf".+_\d{{4}}{re.escape(ending)}", path.name)]
+    if misnamed:
+        raise ConfigError(f"Input images must be named CASE_XXXX{ending}, XXXX being the channel index (e.g. "
+                          f"case_0000{ending}), as in nnU-Net's imagesTs; {len(misnamed)} in {args.i} are not, "
+                          f"e.g. {misnamed[0]}.")
     first_case = images[0].name[: -len(ending) - 5]
     files = [str(p) for p in images if p.name[: -len(ending) - 5] == first_case]
     reader = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()

@@ -8,13 +8,16 @@ checkpoint loading and validation run as usual.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import json
 import os
 import socket
 import sys
+import time
 from multiprocessing.queues import SimpleQueue
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -22,10 +25,11 @@ import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import (
-    USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, exit_with_user_error, get_device, run_main,
+    USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, die_with_parent, end_forked_workers_with_this_process,
+    exit_with_user_error, get_device, run_main,
 )
-from nnunetv2.vit.config import load_config
-from nnunetv2.vit.errors import CheckpointReadError, ConfigError
+from nnunetv2.vit.config import ViTConfig, load_config
+from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
@@ -34,6 +38,7 @@ from nnunetv2.vit.trainer import find_trainer_class, nnUNetTrainer_vit
 PROG = "nnUNetv2_train_vit.py"
 NAMED_BASE = "2d"  # '2d_<name>' configurations inherit from it
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
+LOCK_NAME = ".training.lock"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +106,27 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
     if not (folder / planned.data_identifier).is_dir():
         raise ConfigError(f"Configuration '{configuration}' of {name} is planned but not preprocessed. "
                           f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {NAMED_BASE}` first.")
-    return name, plans, load_json(str(folder / "dataset.json"))
+    dataset_json = load_json(str(folder / "dataset.json"))
+    check_label_values(folder, PlansManager(plans), dataset_json)
+    return name, plans, dataset_json
+
+
+def check_label_values(folder: Path, plans_manager, dataset_json: dict) -> None:
+    """Refuse label values that dataset.json does not list before training (in a worker, one breaks training
+    with "index 7 is out of bounds"). Reads the preprocessed dataset's copy of the labels (gt_segmentations)."""
+    import numpy as np
+
+    labels = plans_manager.get_label_manager(dataset_json)
+    allowed = set(labels.all_labels) | ({labels.ignore_label} if labels.has_ignore_label else set())
+    reader = plans_manager.image_reader_writer_class()
+    ending = dataset_json["file_ending"]
+    for label_file in sorted((folder / "gt_segmentations").glob(f"*{ending}")):
+        found = set(np.unique(reader.read_seg(str(label_file))[0]).astype(int).tolist())
+        if not found <= allowed:
+            raise ConfigError(
+                f"{label_file.name} holds label value(s) {sorted(found - allowed)}, which {folder / 'dataset.json'} "
+                f"does not list (its labels: {sorted(allowed)}). Fix the label file in nnUNet_raw or add the label "
+                f"to dataset.json, then run nnUNetv2_plan_and_preprocess again.")
 
 
 def results_folder(dataset: str, trainer: str, plans_identifier: str, configuration: str, fold: str) -> Path:
@@ -127,8 +152,8 @@ def first_readable_checkpoint(fold_folder: Path, names: Sequence[str],
     return None
 
 
-def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: Optional[dict],
-                   fold_folder: Path) -> dict:
+def resolve_config(args: argparse.Namespace, requested: Optional[ViTConfig], stored: Optional[ViTConfig],
+                   fold_folder: Path) -> ViTConfig:
     """The config to train with: the YAML file's, or for --c/--val the one stored with the results."""
     if requested is None:
         if stored is None or not (args.c or args.val):
@@ -141,6 +166,68 @@ def resolve_config(args: argparse.Namespace, requested: Optional[dict], stored: 
     require_same_model(stored, requested, str(fold_folder.parent), f"--config {args.config}",
                        f"Give this model its own configuration name{example}, or use the same config.")
     return requested
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse, before any work, a results folder that cannot be written (read-only disk, permissions)."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"Cannot write to {existing} (read-only or no permission), where {folder} would go. "
+                          f"Set nnUNet_results to a folder you can write to.")
+
+
+@contextlib.contextmanager
+def fold_lock(fold_folder: Path) -> Iterator[None]:
+    """Hold ``.training.lock`` in the fold folder while training or validating there: a second training of the
+    same fold is refused (their checkpoints would interleave). A lock left by a killed process (its PID gone
+    on this host) is taken over. Folders made for the lock are removed again if nothing else was written."""
+    lock = fold_folder / LOCK_NAME
+    created = [folder for folder in (fold_folder, *fold_folder.parents) if not folder.exists()]
+    fold_folder.mkdir(parents=True, exist_ok=True)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(2):
+        try:
+            with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as handle:
+                json.dump(me, handle)
+            break
+        except FileExistsError:
+            holder = _read_lock(lock)
+            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                print(f"Taking over {lock}: the training that left it (PID {holder.get('pid')}) is gone.")
+                lock.unlink(missing_ok=True)
+                continue
+            raise ConfigError(
+                f"Another training (PID {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}) "
+                f"is writing to {fold_folder}. Wait for it to end or stop it; if it is not running, delete {lock}.")
+    try:
+        yield
+    finally:
+        if _read_lock(lock).get("pid") == me["pid"]:
+            lock.unlink(missing_ok=True)
+        for folder in created:  # deepest first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+def _read_lock(lock: Path) -> dict:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):  # vanished meanwhile, or half-written by a process killed while writing it
+        return {}
+
+
+def _alive(pid: Optional[int]) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
@@ -165,16 +252,44 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
         load_pretrained_network(trainer.model, args.pretrained_weights, trust=args.trust_checkpoint)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = True
-    if not args.val:
-        trainer.run_training()
-    if args.val_best:
-        trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_best.pth"))
-    trainer.perform_actual_validation(args.npz)
+    with out_of_memory_is_one_line(trainer):
+        if not args.val:
+            trainer.run_training()
+        if args.val_best:
+            trainer.load_checkpoint(str(Path(trainer.output_folder) / "checkpoint_best.pth"))
+        trainer.perform_actual_validation(args.npz)
+
+
+# What torch's allocators and nnU-Net's data loader say when memory runs out.
+OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
+                 "CUDA out of memory", "MPS backend out of memory")
+WORKERS_DIED = "background workers are no longer alive"
+
+
+@contextlib.contextmanager
+def out_of_memory_is_one_line(trainer: nnUNetTrainer_vit) -> Iterator[None]:
+    """Running out of memory (the model, or the augmentation workers making huge batches) is a setting to change,
+    said in one line with the settings that lower it, not an allocator traceback."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        message = str(err)
+        if not isinstance(err, torch.OutOfMemoryError) and not any(text in message for text in OUT_OF_MEMORY) \
+                and WORKERS_DIED not in message:
+            raise
+        what = ("nnU-Net's data-augmentation workers died (the messages above say why; often memory)"
+                if WORKERS_DIED in message else f"Out of {trainer.device.type} memory")
+        patch = "x".join(str(size) for size in trainer.configuration_manager.patch_size)
+        raise OutOfMemoryError(
+            f"{what} at batch size {trainer.batch_size} of {patch} patches: lower train.batch_size, set "
+            f"train.gradient_checkpointing: true, use LoRA (lora.enabled: true) or a smaller model.backbone_size. "
+            f"The last good checkpoint is kept; resume with --c.") from err
 
 
 def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dict, dataset_json: dict,
                 resume: Optional[str], user_errors: SimpleQueue) -> None:
     """One DDP process: NCCL on its own GPU, or gloo on the CPU (testing, machines without GPUs)."""
+    die_with_parent()
     if args.device == "cuda":
         dist.init_process_group("nccl", rank=rank, world_size=world_size)
         torch.cuda.set_device(rank)
@@ -216,6 +331,14 @@ def run(args: argparse.Namespace) -> None:
     stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
     config = resolve_config(args, requested, stored, fold_folder)
 
+    check_writable(fold_folder)
+    with fold_lock(fold_folder):
+        train_with_config(args, plans, dataset_json, device, fold_folder, config)
+
+
+def train_with_config(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
+                      fold_folder: Path, config: ViTConfig) -> None:
+    """Resume or validate as asked, then train in one process or in DDP processes."""
     found = None
     if args.val:
         found = first_readable_checkpoint(fold_folder, ["checkpoint_final.pth"], args.trust_checkpoint)
@@ -255,6 +378,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
         os.environ[var] = "1"
     args = build_parser().parse_args(argv)
+    end_forked_workers_with_this_process()
     run_main(PROG, lambda: run(args))
 
 

@@ -7,7 +7,9 @@ without the YAML file or any download.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 from typing import List, Optional, Union
 
@@ -355,12 +357,12 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             super().save_checkpoint(partial)
             if os.path.isfile(partial):
                 os.replace(partial, filename)
-        except OSError as err:  # a full disk, a quota, a vanished network share
+        except (OSError, RuntimeError) as err:  # a full disk, a quota, a vanished share (torch.save: RuntimeError)
             if os.path.exists(partial):
                 os.remove(partial)
             raise CheckpointWriteError(
-                f"Cannot write checkpoint {filename}: {err}. The previous checkpoint is intact; free disk space "
-                f"(or fix the folder), then resume with --c.") from err
+                f"Cannot write checkpoint {filename}: {write_failure(err, os.path.dirname(filename))}. The previous "
+                f"checkpoint is intact; free disk space (or fix the folder), then resume with --c.") from err
 
     def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
         """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own
@@ -384,6 +386,16 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.optimizer.load_state_dict(checkpoint["optimizer_state"])
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
+
+
+def write_failure(err: BaseException, folder: str) -> str:
+    """Why a write failed, in the system's words: torch.save reports a full disk as an internal RuntimeError
+    ("enforce fail at inline_container.cc ... unexpected pos"), so the disk is asked."""
+    if isinstance(err, OSError):
+        return str(err)
+    if shutil.disk_usage(folder).free < 2 ** 24:
+        return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
+    return " ".join(str(err).split())[:200]
 
 
 def find_trainer_class(name: str) -> type:
