@@ -95,10 +95,12 @@ def row_config(name: str, workdir: Path) -> Path:
 
 
 def user_config(path: Path, name: str, workdir: Path) -> Path:
-    """A user's config with the budget applied (everything else as written)."""
+    """A user's config (a file or a built-in name; ``inherits`` resolved) with the budget applied."""
     import yaml
 
-    config = yaml.safe_load(path.read_text())
+    from nnunetv2.vit.config import read_config_file, resolve_config_path
+
+    config = read_config_file(resolve_config_path(path))
     config.setdefault("train", {}).update(BUDGET)
     out = workdir / "configs" / f"{name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +186,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
+    started_all = time.monotonic()  # the data and preprocessing (first run) count too
 
     workdir = Path(args.workdir).resolve()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -209,10 +212,12 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     rows: List[Row] = []
     out_json = run_dir / "quality.json"
+    planned = []  # every row's config written (and a typo in --rows refused) before the first training
     for spec in args.rows:
         name, _, path = spec.partition("=")
-        config = None if name == "unet" else (user_config(Path(path), name, run_dir) if path
-                                              else row_config(name, run_dir))
+        planned.append((name, None if name == "unet" else (user_config(Path(path), name, run_dir) if path
+                                                            else row_config(name, run_dir))))
+    for name, config in planned:
         row = Row(name, "upstream nnUNetTrainer" if config is None else str(config))
         print(f"\n=== {name}: training ({'upstream U-Net' if config is None else config})", flush=True)
         started = time.monotonic()
@@ -227,11 +232,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"=== {name}: vessel Dice {row.mean(row.vessel):.3f}, disc {row.mean(row.disc):.3f}, "
               f"{row.train_s:.0f} s{' ' + row.error if row.error else ''}", flush=True)
         out_json.write_text(json.dumps({"device": device, "budget": BUDGET, "torch": torch.__version__,
+                                        "total_s": round(time.monotonic() - started_all),
                                         "rows": [asdict(r) for r in rows]}, indent=1))
         if args.markdown:
             Path(args.markdown).write_text(table(rows) + "\n")
     print("\n" + table(rows))
-    print(f"\nresults: {out_json}")
+    print(f"\nresults: {out_json} ({time.monotonic() - started_all:.0f} s in all)")
 
 
 if __name__ == "__main__":

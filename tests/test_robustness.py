@@ -29,7 +29,7 @@ from nnunetv2.vit import cli
 from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import build_model, validate_config
-from nnunetv2.vit.errors import ConfigError, NonFiniteTrainingError
+from nnunetv2.vit.errors import CheckpointReadError, ConfigError, NonFiniteTrainingError
 from nnunetv2.vit.stored import add_vit_config, load_pretrained_network
 from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
@@ -260,7 +260,7 @@ def test_checkpoint_of_another_model_is_refused(nnunet_env):
     other = make_trainer(model={**TINY_MODEL, "decoder": {"fusion_hidden_size": 8}})
     with pytest.raises(ConfigError, match="checkpoint_final.pth holds a model trained with a different config"):
         other.load_checkpoint(path)
-    with pytest.raises(RuntimeError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointReadError, match=r"missing.pth not found\.$"):  # not "corrupt": it is not there
         other.load_checkpoint(os.path.join(trainer.output_folder, "missing.pth"))
 
 

@@ -10,7 +10,7 @@ class CheckpointWriteError(OSError):
 
 
 class CheckpointReadError(RuntimeError):
-    """An nnU-Net checkpoint file cannot be read: corrupt or truncated."""
+    """An nnU-Net checkpoint file cannot be read: missing, corrupt or truncated."""
 
 
 class NonFiniteTrainingError(FloatingPointError):

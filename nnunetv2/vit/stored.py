@@ -88,6 +88,8 @@ def read_training_checkpoint(path: Union[str, Path], mmap: bool = False, trust: 
     """
     try:
         return read_checkpoint(path, trust=trust, mmap=mmap, opt_in="pass --trust_checkpoint to the command")
+    except FileNotFoundError as err:
+        raise CheckpointReadError(f"Checkpoint {path} not found.") from err
     except CorruptCheckpointError as err:
         raise CheckpointReadError(str(err)) from err
 

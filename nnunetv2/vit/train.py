@@ -117,7 +117,8 @@ def check_label_values(folder: Path, plans_manager, dataset_json: dict) -> None:
     import numpy as np
 
     labels = plans_manager.get_label_manager(dataset_json)
-    allowed = set(labels.all_labels) | ({labels.ignore_label} if labels.has_ignore_label else set())
+    allowed = {int(value) for value in labels.all_labels} | ({int(labels.ignore_label)} if labels.has_ignore_label
+                                                                else set())
     reader = plans_manager.image_reader_writer_class()
     ending = dataset_json["file_ending"]
     for label_file in sorted((folder / "gt_segmentations").glob(f"*{ending}")):
