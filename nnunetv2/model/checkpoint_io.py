@@ -10,6 +10,7 @@ error naming the file, the object and how to opt in for a trusted file; the opt-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import pickle
 import re
@@ -57,15 +58,9 @@ def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "
     """
     if trust:
         _logger.warning("Loading %s as a full pickle (trusted by the user): it can run code.", path)
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # a pickle can fail in any way; all mean the same to the user
-            raise _corrupt(path, err) from err
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with contextlib.nullcontext() if trust else torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found is None:

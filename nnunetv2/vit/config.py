@@ -103,17 +103,12 @@ SECTIONS = {"model": ModelSection, "lora": LoraSection, "train": TrainSection}
 
 @dataclass
 class ViTConfig:
-    """A resolved config: every key of every section, defaults filled in. ``from_dict`` validates a YAML mapping;
-    ``to_dict`` is what the plans and checkpoints store, ``from_stored`` reads it back."""
+    """A resolved config: every key of every section, defaults filled in (``validate_config`` makes one from a
+    YAML mapping). ``to_dict`` is what the plans and checkpoints store, ``from_stored`` reads it back."""
 
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
     train: TrainSection = field(default_factory=TrainSection)
-
-    @classmethod
-    def from_dict(cls, raw: Any, source: str = "config") -> "ViTConfig":
-        """Check a parsed YAML mapping (one-line ``ConfigError`` naming ``source``, the key and the valid values)."""
-        return validate_config(raw, source)
 
     @classmethod
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":

@@ -106,16 +106,18 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
     if not (folder / planned.data_identifier).is_dir():
         raise ConfigError(f"Configuration '{configuration}' of {name} is planned but not preprocessed. "
                           f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {NAMED_BASE}` first.")
-    dataset_json = load_json(str(folder / "dataset.json"))
-    check_label_values(folder, PlansManager(plans), dataset_json)
-    return name, plans, dataset_json
+    return name, plans, load_json(str(folder / "dataset.json"))
 
 
-def check_label_values(folder: Path, plans_manager, dataset_json: dict) -> None:
+def check_label_values(dataset: str, plans: dict, dataset_json: dict) -> None:
     """Refuse label values that dataset.json does not list before training (in a worker, one breaks training
     with "index 7 is out of bounds"). Reads the preprocessed dataset's copy of the labels (gt_segmentations)."""
     import numpy as np
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    folder = Path(nnUNet_preprocessed.get()) / dataset
+    plans_manager = PlansManager(plans)
     labels = plans_manager.get_label_manager(dataset_json)
     allowed = {int(value) for value in labels.all_labels} | ({int(labels.ignore_label)} if labels.has_ignore_label
                                                                 else set())
@@ -328,6 +330,8 @@ def run(args: argparse.Namespace) -> None:
                           f"visible (CUDA_VISIBLE_DEVICES).")
 
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
+    if not (args.c or args.val):  # a resumed training passed this check when it started
+        check_label_values(dataset, plans, dataset_json)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
     stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
     config = resolve_config(args, requested, stored, fold_folder)
