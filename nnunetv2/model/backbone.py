@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import timm
 import torch
 import torch.nn as nn
-from timm.models import adapt_input_conv
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import adapt_input_conv, get_pretrained_cfg
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
@@ -25,6 +26,7 @@ from nnunetv2.model.checkpoint_io import CorruptCheckpointError, read_checkpoint
 _logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
+Statistics = Tuple[Tuple[float, ...], Tuple[float, ...]]  # per-RGB-channel mean and std, intensities scaled to 0-1
 
 # A checkpoint whose tensors cover less than this share of the backbone is refused: it is almost
 # certainly the wrong file, and silently training from random weights would waste the user's run.
@@ -48,12 +50,18 @@ class BackboneFamily:
     checkpoint_filter: Callable[[StateDict, nn.Module], StateDict]
     wrapper_keys: Tuple[str, ...] = ("model", "state_dict")  # dict keys a checkpoint may nest weights in
     drop_prefixes: Tuple[str, ...] = ()  # pretraining-only tensors (MAE decoder, iBOT mask embedding)
+    # Input statistics of pretraining for a family without a timm tag; tagged ones read timm's pretrained_cfg.
+    input_statistics: Optional[Statistics] = None
 
 
 def file_only_vit16(size: str, **checkpoint_format) -> BackboneFamily:
-    """A plain timm ViT/16 whose weights come only from a released checkpoint file (RETFound, VisionFM)."""
+    """A plain timm ViT/16 whose weights come only from a released checkpoint file (RETFound, VisionFM).
+
+    Both were pretrained on inputs normalised with ImageNet's statistics (RETFound's MAE code and VisionFM's
+    DINO/iBOT code), not with those of timm's ``vit_*_patch16_224`` tags (0.5, 0.5, 0.5)."""
     return BackboneFamily(timm_name="vit_{size}_patch16_224", sizes=(size,), patch_size=16, pretrained_tag=None,
-                          checkpoint_filter=vit_checkpoint_filter, **checkpoint_format)
+                          checkpoint_filter=vit_checkpoint_filter,
+                          input_statistics=(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), **checkpoint_format)
 
 
 BACKBONES: Dict[str, BackboneFamily] = {
@@ -91,6 +99,18 @@ def get_family(model_name: str, model_size: str) -> BackboneFamily:
             f"Unknown size '{model_size}' for backbone '{model_name}'. Valid sizes: {', '.join(family.sizes)}."
         )
     return family
+
+
+def pretraining_statistics(model_name: str, model_size: str) -> Tuple[Statistics, str]:
+    """The per-RGB-channel mean and std (of 0-1 intensities) the backbone's pretraining normalised its inputs
+    with, and where they come from: timm's ``pretrained_cfg`` of the family's tag, or the family's row."""
+    family = get_family(model_name, model_size)
+    timm_name = family.timm_name.format(size=model_size)
+    if family.pretrained_tag is None:
+        return family.input_statistics, f"the {model_name} row of nnunetv2/model/backbone.py (its pretraining code)"
+    tag = f"{timm_name}.{family.pretrained_tag}"
+    cfg = get_pretrained_cfg(tag)
+    return (tuple(cfg.mean), tuple(cfg.std)), f"timm's pretrained_cfg of {tag}"
 
 
 def feature_indices_for_depth(depth: int) -> List[int]:
