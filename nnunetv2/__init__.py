@@ -19,3 +19,8 @@ if _upstream is not None:
     _upstream_dir = os.path.dirname(str(_upstream.locate_file("nnunetv2/__init__.py")))
     if os.path.realpath(_upstream_dir) != os.path.realpath(__path__[0]):
         __path__.insert(0, _upstream_dir)
+    # Upstream finds normalization schemes and preprocessors by name in its own folder, in every process
+    # (spawned preprocessing workers too): register this package's, which planned configurations name.
+    from nnunetv2.vit.normalization import register_with_upstream
+
+    register_with_upstream()

@@ -32,6 +32,7 @@ model:
   backbone: dinov3
   backbone_size: small
   pretrained: false
+  normalization: zscore  # nnU-Net's '2d' configuration
   decoder:
     fusion_hidden_size: 32
     neck_hidden_sizes: [24, 48, 96, 192]

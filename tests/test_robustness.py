@@ -35,8 +35,10 @@ from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
 
+# Trains on nnU-Net's own '2d' configuration, so with nnU-Net's normalization (test_planning.py covers the rest).
 TINY_MODEL = {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
-              "pretrained": False, "decoder": {"fusion_hidden_size": 16, "neck_hidden_sizes": [16, 16, 16, 16]}}
+              "pretrained": False, "normalization": "zscore",
+              "decoder": {"fusion_hidden_size": 16, "neck_hidden_sizes": [16, 16, 16, 16]}}
 
 
 def make_trainer(model: dict = TINY_MODEL, lora: Optional[dict] = None, **train) -> nnUNetTrainer_vit:

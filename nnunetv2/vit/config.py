@@ -11,6 +11,7 @@ with a trained model in its plans.json and checkpoints.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -18,7 +19,7 @@ import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import yaml
@@ -36,6 +37,9 @@ FACTORY_KEYWORDS = tuple(
     if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
 )
 MODEL_PACKAGE = "nnunetv2.model"
+NORMALIZATIONS = ("backbone", "zscore")
+# What configs stored before a key existed meant by leaving it out (models trained then keep their meaning).
+STORED_BEFORE_KEY = {("model", "normalization"): "zscore"}
 
 
 def builtin_model_modules() -> List[str]:
@@ -64,6 +68,8 @@ class ModelSection:
     checkpoint_path: Optional[str] = option(None)  # local backbone weights file; "" = none
     pretrained: bool = option(True)  # download timm weights when there is no checkpoint_path
     trust_checkpoint: bool = option(False)  # load checkpoint_path as a full pickle (it can run code)
+    # Input intensities as in the backbone's pretraining (nnUNetv2_plan_vit.py plans it), or nnU-Net's per-case z-score.
+    normalization: str = option("backbone", choices=NORMALIZATIONS)
     decoder: Dict[str, Any] = option(factory=dict)  # checked against the factory's keyword-only parameters
 
 
@@ -113,10 +119,14 @@ class ViTConfig:
     @classmethod
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
         """A config stored with a trained model (validated when its training started); keys added since then take
-        their defaults. Not validated again: its backbone file need not exist where the model is used."""
-        return cls(**{name: section(**{f.name: stored.get(name, {})[f.name] for f in dataclasses.fields(section)
-                                       if f.name in stored.get(name, {})})
-                      for name, section in SECTIONS.items()})
+        their defaults, except where ``STORED_BEFORE_KEY`` says what leaving them out meant then. Not validated
+        again: its backbone file need not exist where the model is used."""
+        def values(name: str, section: type) -> Dict[str, Any]:
+            given = stored.get(name, {})
+            implied = {key: value for (where, key), value in STORED_BEFORE_KEY.items() if where == name}
+            return {f.name: given.get(f.name, implied.get(f.name)) for f in dataclasses.fields(section)
+                    if f.name in given or f.name in implied}
+        return cls(**{name: section(**values(name, section)) for name, section in SECTIONS.items()})
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -192,21 +202,28 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0][:300]
 
 
+@contextlib.contextmanager
+def quiet_model_logs() -> Iterator[None]:
+    """Silence the model layer's info lines ("initialised randomly") for builds that only look at the architecture."""
+    model_logger = logging.getLogger(MODEL_PACKAGE)
+    level = model_logger.level
+    model_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        model_logger.setLevel(level)
+
+
 def _check_builds(config: ViTConfig, source: str) -> None:
     """Build the architecture on the meta device (no memory, no weights, no download), so options no model can be
     built from (a negative width, a wrong count, LoRA targets the backbone lacks, a factory that raises) are one
     line here, before any work, and not a traceback when training starts."""
-    model_logger = logging.getLogger(MODEL_PACKAGE)  # its info lines ("initialised randomly") are for real builds
-    level = model_logger.level
-    model_logger.setLevel(logging.WARNING)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), quiet_model_logs():
             build_model(config, in_channels=3, num_classes=2, load_weights=False)
     except Exception as err:  # a factory (maybe a user's) can raise anything: each means this config builds nothing
         raise ConfigError(f"{source}: {config.model.model_path} cannot build this model from model.decoder and "
                           f"lora ({type(err).__name__}: {_first_line(err)}).") from err
-    finally:
-        model_logger.setLevel(level)
 
 
 def _check_model(model: ModelSection, source: str) -> None:

@@ -1,8 +1,9 @@
 """The whole workflow on a built-in synthetic fundus dataset, in one command.
 
-``uv run python -m nnunetv2.vit.demo`` generates the demo dataset, runs upstream
-plan-and-preprocess, trains a small DPT (ViT-S DINOv3), predicts the test split, prints per-case
-and mean vessel Dice and writes a PNG panel. Every step is skipped when its result already exists.
+``uv run python -m nnunetv2.vit.demo`` generates the demo dataset, plans it (upstream's fingerprint and
+2d plan, then ``nnUNetv2_plan_vit.py`` for the model's configuration ``2d_<config name>``) and preprocesses it,
+trains a small DPT (ViT-S DINOv3), predicts the test split, prints per-case and mean vessel Dice and writes a
+PNG panel. Every step is skipped when its result already exists.
 """
 
 from __future__ import annotations
@@ -54,19 +55,16 @@ class Steps:
         self.current = None
 
 
-def plan_and_preprocess(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
-    """Upstream's plan and preprocess for the 2d configuration, unless already done."""
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import (
-        extract_fingerprints, plan_experiments, preprocess,
-    )
+def plan(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
+    """Upstream's fingerprint and plans (the 2d configuration the ViT's is planned from), unless already done."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
 
-    if (preprocessed / dataset_folder_name / "nnUNetPlans_2d").is_dir():
-        print(f"already preprocessed: {preprocessed / dataset_folder_name}")
+    if (preprocessed / dataset_folder_name / "nnUNetPlans.json").is_file():
+        print(f"already planned: {preprocessed / dataset_folder_name / 'nnUNetPlans.json'}")
         return
-    processes = max(1, min(4, os.cpu_count() or 1))
-    extract_fingerprints([dataset_id], num_processes=processes, check_dataset_integrity=True)
+    extract_fingerprints([dataset_id], num_processes=max(1, min(4, os.cpu_count() or 1)),
+                         check_dataset_integrity=True)
     plan_experiments([dataset_id])
-    preprocess([dataset_id], configurations=("2d",), num_processes=(processes,))
 
 
 def dice(reference: np.ndarray, prediction: np.ndarray, label: int) -> float:
@@ -142,22 +140,28 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(str(err)) from err
     print(dataset)
 
-    step("2/5 nnU-Net plan and preprocess (upstream)")
-    plan_and_preprocess(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
+    from nnunetv2.vit import plan as plan_cli
+
+    step("2/5 plan: nnU-Net's fingerprint and 2d plan, then the ViT's (nnUNetv2_plan_vit.py), and preprocess")
+    plan(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
+    config_file = demo_config(Path(args.config), args.pretrained, output)
+    configuration = plan_cli.default_configuration_name(str(config_file))
+    plan_cli.run(plan_cli.build_parser().parse_args(
+        [str(DATASET_ID), "--config", str(config_file), "-c", configuration,
+         "-np", os.environ["nnUNet_def_n_proc"]]))
 
     from nnunetv2.vit.config import load_config
     from nnunetv2.vit.stored import require_same_model, stored_config
     from nnunetv2.vit.train import build_parser, results_folder, run as run_training
 
-    step("3/5 train DPT (nnUNetv2_train_vit.py)")
-    config_file = demo_config(Path(args.config), args.pretrained, output)
-    fold_folder = results_folder(dataset.name, "nnUNetTrainer_vit", "nnUNetPlans", "2d", "0")
+    step(f"3/5 train DPT on {configuration} (nnUNetv2_train_vit.py)")
+    fold_folder = results_folder(dataset.name, "nnUNetTrainer_vit", "nnUNetPlans", configuration, "0")
     if (fold_folder / "checkpoint_final.pth").is_file():
-        require_same_model(stored_config(fold_folder.parent / "plans.json", "2d"), load_config(config_file),
+        require_same_model(stored_config(fold_folder.parent / "plans.json", configuration), load_config(config_file),
                            str(fold_folder.parent), str(config_file), "Delete that folder to retrain the demo.")
         print(f"already trained: {fold_folder / 'checkpoint_final.pth'}")
     else:
-        train_args = ["999", "2d", "0", "--config", str(config_file), "-device", device]
+        train_args = [str(DATASET_ID), configuration, "0", "--config", str(config_file), "-device", device]
         if (fold_folder / "checkpoint_latest.pth").is_file():
             train_args.append("--c")
         run_training(build_parser().parse_args(train_args))

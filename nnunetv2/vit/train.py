@@ -30,13 +30,14 @@ from nnunetv2.vit.cli import (
 )
 from nnunetv2.vit.config import ViTConfig, load_config
 from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError
+from nnunetv2.vit.plan import BASE, PLAN_KEY, default_configuration_name, require_planned_for
+from nnunetv2.vit.plan import PROG as PLAN_PROG
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
 from nnunetv2.vit.trainer import find_trainer_class, nnUNetTrainer_vit
 
 PROG = "nnUNetv2_train_vit.py"
-NAMED_BASE = "2d"  # '2d_<name>' configurations inherit from it
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 LOCK_NAME = ".training.lock"
 
@@ -91,10 +92,10 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
             f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c 2d` first."
         )
     plans = load_json(str(plans_file))
-    if configuration not in plans["configurations"] and configuration.startswith(f"{NAMED_BASE}_") \
-            and NAMED_BASE in plans["configurations"]:
+    if configuration not in plans["configurations"] and configuration.startswith(f"{BASE}_") \
+            and BASE in plans["configurations"]:
         # A named 2d configuration (nnU-Net's inherits_from): same data, its own results folder.
-        plans["configurations"][configuration] = {"inherits_from": NAMED_BASE}
+        plans["configurations"][configuration] = {"inherits_from": BASE}
     if configuration not in plans["configurations"]:
         raise ConfigError(f"Configuration '{configuration}' is not in {plans_file}. Available: "
                           f"{', '.join(plans['configurations'])}. ViT models use '2d', or '2d_<name>' to keep "
@@ -103,10 +104,21 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
     if len(planned.patch_size) != 2:
         raise ConfigError(f"ViT models are 2D, but configuration '{configuration}' is {len(planned.patch_size)}D. "
                           f"Use '2d'.")
-    if not (folder / planned.data_identifier).is_dir():
-        raise ConfigError(f"Configuration '{configuration}' of {name} is planned but not preprocessed. "
-                          f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c {NAMED_BASE}` first.")
     return name, plans, load_json(str(folder / "dataset.json"))
+
+
+def require_preprocessed(args: argparse.Namespace, dataset: str, plans: dict) -> None:
+    """Refuse a configuration whose preprocessed data are missing, naming the command that makes them."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    planned = PlansManager(plans).get_configuration(args.configuration)
+    if not (Path(nnUNet_preprocessed.get()) / dataset / planned.data_identifier).is_dir():
+        command = (f"python {PLAN_PROG} {args.dataset_name_or_id} --config {args.config or 'CONFIG.yaml'} "
+                   f"-c {args.configuration}" if PLAN_KEY in planned.configuration else
+                   f"nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {BASE}")
+        raise ConfigError(f"Configuration '{args.configuration}' of {dataset} is planned but not preprocessed. "
+                          f"Run `{command}` first.")
 
 
 def check_label_values(dataset: str, plans: dict, dataset_json: dict) -> None:
@@ -163,8 +175,7 @@ def resolve_config(args: argparse.Namespace, requested: Optional[ViTConfig], sto
             raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
                               + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
         return stored
-    stem = Path(args.config).stem
-    name = stem if stem.startswith(f"{NAMED_BASE}_") else f"{NAMED_BASE}_{stem}"
+    name = default_configuration_name(args.config)
     example = f", e.g. '{name}' instead of '{args.configuration}'" if name != args.configuration else ""
     require_same_model(stored, requested, str(fold_folder.parent), f"--config {args.config}",
                        f"Give this model its own configuration name{example}, or use the same config.")
@@ -330,11 +341,13 @@ def run(args: argparse.Namespace) -> None:
                           f"visible (CUDA_VISIBLE_DEVICES).")
 
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
-    if not (args.c or args.val):  # a resumed training passed this check when it started
-        check_label_values(dataset, plans, dataset_json)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
     stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
     config = resolve_config(args, requested, stored, fold_folder)
+    require_planned_for(plans, args.configuration, config, args.dataset_name_or_id, args.config or "CONFIG.yaml")
+    require_preprocessed(args, dataset, plans)
+    if not (args.c or args.val):  # a resumed training passed this check when it started
+        check_label_values(dataset, plans, dataset_json)
 
     check_writable(fold_folder)
     with fold_lock(fold_folder):

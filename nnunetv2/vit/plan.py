@@ -1,0 +1,310 @@
+"""``nnUNetv2_plan_vit.py``: plan a 2d configuration for a ViT model, then preprocess its data with upstream.
+
+nnU-Net plans its ``2d`` configuration for its U-Net. This command adds ``2d_<name>`` to the dataset's plans,
+inheriting ``2d`` (spacing, resampling, splits) and choosing what the ViT needs:
+
+- normalization (``model.normalization``): ``backbone`` scales each channel to 0-1 and applies the backbone's
+  pretraining mean and std (``BackboneNormalization``, its own preprocessed data); ``zscore`` keeps nnU-Net's
+  normalization and the ``2d`` data;
+- patch size: ``2d``'s, rounded to the model's alignment (patch size x token grid multiple), so no pixel of
+  a patch is padding the model computes and throws away;
+- batch size: the largest that fits a GPU memory target by the memory model of the configured model
+  (``nnunetv2.model.memory``), capped as nnU-Net caps its own.
+
+What was chosen, and why, is recorded in the configuration's ``vit_plan``; training refuses a config whose
+backbone or normalization differs from what the configuration was planned for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+import json
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+from nnunetv2.vit.cli import dataset_name, run_main
+from nnunetv2.vit.config import ViTConfig, build_model, load_config, quiet_model_logs
+from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.normalization import PARAMETERS_KEY, BackboneNormalization
+
+PROG = "nnUNetv2_plan_vit.py"
+BASE = "2d"  # the nnU-Net configuration ViT configurations inherit from
+PLAN_KEY = "vit_plan"  # a configuration's record of what this command chose, and why
+PLANNED_FOR = ("backbone", "backbone_size", "normalization")  # what a config must keep to train on the plan
+# As upstream's ExperimentPlanner (max_dataset_covered, UNet_min_batch_size; a test checks they still agree):
+# a step sees at most 5% of the dataset's pixels, and a batch holds at least 2 images.
+MAX_DATASET_COVERED = 0.05
+MIN_BATCH_SIZE = 2
+EIGHT_BIT = (0.0, 255.0)
+GB = 1e9  # nnU-Net's memory target is in GB (its reference values are measured in bytes / 1e9)
+
+
+def default_gpu_memory_target_gb() -> float:
+    """What nnU-Net targets for its U-Net: the default of its ExperimentPlanner's ``gpu_memory_target_in_gb``."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    return float(inspect.signature(ExperimentPlanner.__init__).parameters["gpu_memory_target_in_gb"].default)
+
+
+def default_configuration_name(config_path: str) -> str:
+    """``2d_<config file stem>``: ``dpt.yaml`` plans ``2d_dpt``."""
+    stem = Path(config_path).stem
+    return stem if stem.startswith(f"{BASE}_") else f"{BASE}_{stem}"
+
+
+def channel_statistics(mean: Sequence[float], std: Sequence[float], num_channels: int) -> Tuple[List[Tuple], str]:
+    """Pretraining (mean, std) for each input channel, and why: the statistics of the RGB channel whose patch
+    embedding kernel timm gives that input channel when it adapts pretrained weights (``adapt_input_conv``)."""
+    if num_channels == 3:
+        return list(zip(mean, std)), "per RGB channel"
+    if num_channels == 1:
+        return ([(float(np.mean(mean)), float(np.mean(std)))],
+                "the average over R, G, B (one grey channel: timm sums the RGB kernels of the patch embedding)")
+    return ([(mean[c % 3], std[c % 3]) for c in range(num_channels)],
+            f"channel c takes RGB channel c mod 3 ({num_channels} channels: timm repeats the RGB kernels)")
+
+
+def backbone_normalization(plans: dict, config: ViTConfig, num_channels: int) -> Tuple[List[Dict], str]:
+    """``BackboneNormalization`` parameters per channel, and why they are what they are."""
+    from nnunetv2.model.backbone import pretraining_statistics
+
+    (mean, std), source = pretraining_statistics(config.model.backbone, config.model.backbone_size)
+    statistics, mapping = channel_statistics(mean, std, num_channels)
+    parameters, ranges = [], []
+    for c, (channel_mean, channel_std) in enumerate(statistics):
+        properties = plans["foreground_intensity_properties_per_channel"][str(c)]
+        if properties["min"] >= EIGHT_BIT[0] and properties["max"] <= EIGHT_BIT[1]:
+            (low, high), clip, what = EIGHT_BIT, False, "8-bit"
+        else:
+            low, high, clip = properties["percentile_00_5"], properties["percentile_99_5"], True
+            what = f"foreground 0.5-99.5 percentiles {low:g}-{high:g}"
+        if high <= low:
+            raise ConfigError(f"Channel {c} has constant foreground intensities ({low:g}); it cannot be scaled to 0-1. "
+                              f"Use model.normalization: zscore.")
+        parameters.append({"low": float(low), "high": float(high), "clip": clip, "mean": float(channel_mean),
+                           "std": float(channel_std)})
+        ranges.append(what)
+    why = (f"intensities scaled to 0-1 from their range ({', '.join(ranges)}), then (x - mean) / std with the "
+           f"pretraining statistics from {source}: {mapping}")
+    return parameters, why
+
+
+def aligned_patch_size(patch_size: Sequence[int], alignment: int) -> List[int]:
+    """Each side rounded to the nearest multiple of ``alignment`` (at least one)."""
+    return [max(alignment, alignment * math.floor(side / alignment + 0.5)) for side in patch_size]
+
+
+def dataset_cap(base: dict, num_training: int, patch_size: Sequence[int]) -> int:
+    """nnU-Net's cap: the batch whose patches cover 5% of the dataset's (median-sized) images."""
+    pixels = float(np.prod(base["median_image_size_in_voxels"], dtype=np.float64)) * num_training
+    return round(pixels * MAX_DATASET_COVERED / float(np.prod(patch_size, dtype=np.float64)))
+
+
+def plan_batch_size(per_memory: int, cap: int, minimum: int) -> int:
+    """nnU-Net's rule on the memory model's batch: the dataset cap, but never below the minimum."""
+    return max(min(per_memory, cap), minimum)
+
+
+def planned_precision(config: ViTConfig) -> str:
+    """The autocast dtype the memory model counts with: ``auto`` trains in 16 bits on any GPU (bf16 or fp16)."""
+    return "bf16" if config.train.precision in ("auto", "bf16", "fp16") else "fp32"
+
+
+def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name: str, plans_identifier: str,
+                       gpu_memory_target_gb: float) -> dict:
+    """The plans with configuration ``name`` planned for ``config`` (a new dict; ``plans`` is left as it is)."""
+    from nnunetv2.model.memory import training_memory
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if not name.startswith(f"{BASE}_"):
+        raise ConfigError(f"Configuration name '{name}' must start with '{BASE}_' (e.g. '{BASE}_dpt'): '{BASE}' and "
+                          f"nnU-Net's other configurations stay as nnU-Net planned them.")
+    if BASE not in plans["configurations"]:
+        raise ConfigError(f"The plans have no '{BASE}' configuration to start from. Run "
+                          f"`nnUNetv2_plan_and_preprocess -d DATASET -c {BASE}` first.")
+    if gpu_memory_target_gb <= 0:
+        raise ConfigError(f"-gpu_memory_target must be positive, got {gpu_memory_target_gb:g}.")
+    plans = copy.deepcopy(plans)
+    manager = PlansManager(plans)
+    base = manager.get_configuration(BASE).configuration
+    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    num_classes = manager.get_label_manager(dataset_json).num_segmentation_heads
+
+    def build():
+        return build_model(config, num_channels, num_classes, load_weights=False)
+
+    with quiet_model_logs():
+        with torch.device("meta"):
+            model = build()
+        alignment = model.patch_size * model.token_grid_multiple
+        patch_size = aligned_patch_size(base["patch_size"], alignment)
+        memory = training_memory(build, num_channels, patch_size, planned_precision(config), config.train.optimizer,
+                                 config.train.gradient_checkpointing)
+    by_memory = memory.largest_batch(gpu_memory_target_gb * GB)
+    minimum = max(MIN_BATCH_SIZE, model.min_train_batch_size)
+    cap = dataset_cap(base, dataset_json["numTraining"], patch_size)
+    batch_size = plan_batch_size(by_memory, cap, minimum)
+    peak = memory.peak_bytes(batch_size) / GB
+    batch_why = (f"{by_memory} fit {gpu_memory_target_gb:g} GB by the memory model ({memory.fixed_bytes / GB:.2f} GB "
+                 f"+ {memory.per_image_bytes / GB:.3f} GB per image); 5% of the dataset's pixels allow {cap}, and a "
+                 f"batch holds at least {minimum}: {batch_size} (modelled peak {peak:.2f} GB)")
+    if by_memory < minimum:
+        batch_why += (f". Batch {minimum} exceeds the target: set train.gradient_checkpointing: true, enable LoRA or "
+                      f"use a smaller model.backbone_size")
+
+    entry: dict = {"inherits_from": BASE, "patch_size": patch_size, "batch_size": batch_size}
+    record = {
+        "planned_for": {key: getattr(config.model, key) for key in PLANNED_FOR},
+        "model": f"{config.model.model_path} {config.model.backbone} {config.model.backbone_size}",
+        "patch_size": f"'{BASE}' patch {list(base['patch_size'])} rounded to a multiple of {alignment} (patch "
+                      f"{model.patch_size} x token grid multiple {model.token_grid_multiple}): {patch_size}",
+        "batch_size": batch_why,
+        "memory_model": {"fixed_bytes": memory.fixed_bytes, "per_image_bytes": memory.per_image_bytes,
+                         "target_gb": gpu_memory_target_gb, "precision": planned_precision(config),
+                         "optimizer": config.train.optimizer,
+                         "gradient_checkpointing": config.train.gradient_checkpointing},
+    }
+    if config.model.normalization == "backbone":
+        parameters, record["normalization"] = backbone_normalization(plans, config, num_channels)
+        _store_parameters(plans, parameters, name)
+        digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:8]
+        entry.update(data_identifier=f"{plans_identifier}_{BASE}_backbone_{digest}",
+                     normalization_schemes=[BackboneNormalization.__name__] * num_channels,
+                     use_mask_for_norm=[False] * num_channels)
+    else:
+        record["normalization"] = (f"nnU-Net's, as planned for '{BASE}' ({', '.join(base['normalization_schemes'])}),"
+                                   f" on its preprocessed data")
+    entry[PLAN_KEY] = record
+    plans["configurations"][name] = entry
+    return plans
+
+
+def _store_parameters(plans: dict, parameters: List[Dict], name: str) -> None:
+    """Put each channel's parameters where upstream hands them to the scheme, refusing to change them under
+    another configuration that was planned with others."""
+    properties = plans["foreground_intensity_properties_per_channel"]
+    for c, channel in enumerate(parameters):
+        existing = properties[str(c)].get(PARAMETERS_KEY)
+        if existing is not None and existing != channel:
+            users = [other for other, entry in plans["configurations"].items()
+                     if other != name and BackboneNormalization.__name__ in entry.get("normalization_schemes", [])]
+            if users:
+                raise ConfigError(
+                    f"These plans normalize channel {c} for {', '.join(users)} with {existing}; this backbone needs "
+                    f"{channel}. One plans file holds one backbone normalization: copy the plans file to a new name "
+                    f"(e.g. nnUNetPlans_vit.json) and plan into it with -p nnUNetPlans_vit.")
+        properties[str(c)][PARAMETERS_KEY] = channel
+
+
+def require_planned_for(plans: dict, configuration: str, config: ViTConfig, dataset: str, config_file: str) -> None:
+    """Refuse to train ``config`` on a configuration planned for another backbone or normalization (nnU-Net's
+    own ``2d`` is planned for the z-score)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    planned = PlansManager(plans).get_configuration(configuration).configuration
+    record = planned.get(PLAN_KEY)
+    model = config.model
+    if record is None:
+        if model.normalization == "zscore":
+            return
+        name = configuration if configuration != BASE else default_configuration_name(config_file)
+        schemes = ", ".join(planned["normalization_schemes"])
+        raise ConfigError(
+            f"Configuration '{configuration}' is nnU-Net's plan for its U-Net ({schemes}), but {config_file} asks "
+            f"for model.normalization: backbone. Plan a configuration for it with "
+            f"`python {PROG} {dataset} --config {config_file} -c {name}` and train '{name}', or set "
+            f"model.normalization: zscore to train on '{configuration}'.")
+    wanted = {key: getattr(model, key) for key in PLANNED_FOR}
+    if record["planned_for"] != wanted:
+        differs = ", ".join(f"{key} {record['planned_for'][key]} (config: {wanted[key]})" for key in PLANNED_FOR
+                            if record["planned_for"][key] != wanted[key])
+        raise ConfigError(
+            f"Configuration '{configuration}' was planned for another model: {differs}. Plan one for {config_file} "
+            f"(`python {PROG} {dataset} --config {config_file} -c {default_configuration_name(config_file)}`), or "
+            f"train with the config it was planned for.")
+
+
+def data_is_complete(folder: Path, cases: Sequence[str]) -> bool:
+    """Whether upstream's preprocessing wrote every case (its properties file is written last)."""
+    return folder.is_dir() and all((folder / f"{case}.pkl").is_file() for case in cases)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Plan a 2d configuration for a ViT config (normalization, patch size, batch size) in a dataset's "
+                    "nnU-Net plans, and preprocess its data.")
+    parser.add_argument("dataset_name_or_id",
+                        help="Dataset name or ID, planned by nnU-Net (nnUNetv2_plan_and_preprocess)")
+    parser.add_argument("--config", required=True, help="YAML config (a path, or a built-in name such as 'dpt')")
+    parser.add_argument("-c", default=None, dest="configuration",
+                        help="name of the new configuration (default: 2d_<config file name>, e.g. 2d_dpt)")
+    parser.add_argument("-gpu_memory_target", type=float, default=None,
+                        help="GPU memory (GB) the batch size fills (default: what nnU-Net targets for its U-Net, "
+                             f"{default_gpu_memory_target_gb():g})")
+    parser.add_argument("-p", default="nnUNetPlans", help="Plans identifier (default: nnUNetPlans)")
+    parser.add_argument("-np", type=int, default=None,
+                        help="Preprocessing processes (default: nnU-Net's default_num_processes)")
+    parser.add_argument("--no_pp", action="store_true", help="Plan only; do not preprocess")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+    config = load_config(args.config)
+    name = args.configuration or default_configuration_name(args.config)
+    target = args.gpu_memory_target if args.gpu_memory_target is not None else default_gpu_memory_target_gb()
+    if not nnUNet_preprocessed.is_set() or not nnUNet_raw.is_set():
+        raise ConfigError("nnUNet_raw and nnUNet_preprocessed must be set: export nnUNet_raw, nnUNet_preprocessed "
+                          "and nnUNet_results.")
+    dataset = dataset_name(args.dataset_name_or_id)
+    folder = Path(nnUNet_preprocessed.get()) / dataset
+    plans_file = folder / f"{args.p}.json"
+    if not plans_file.is_file():
+        raise ConfigError(f"{plans_file} does not exist: plan the dataset with nnU-Net first "
+                          f"(`nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {BASE} --no_pp`).")
+    dataset_json = load_json(str(folder / "dataset.json"))
+    plans = plan_configuration(load_json(str(plans_file)), dataset_json, config, name, args.p, target)
+    save_json(plans, str(plans_file), sort_keys=False)
+
+    entry = plans["configurations"][name]
+    print(f"Planned configuration '{name}' in {plans_file}:")
+    print(f"  patch size {entry['patch_size']}, batch size {entry['batch_size']}")
+    for key in ("normalization", "patch_size", "batch_size"):
+        print(f"  {key}: {entry[PLAN_KEY][key]}")
+    if config.train.batch_size is not None:
+        print(f"  note: train.batch_size: {config.train.batch_size} in {args.config} overrides the planned batch size")
+
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    data_folder = folder / PlansManager(plans).get_configuration(name).data_identifier
+    cases = list(get_filenames_of_train_images_and_targets(str(Path(nnUNet_raw.get()) / dataset), dataset_json))
+    if args.no_pp:
+        print("Not preprocessed (--no_pp): run this command again without --no_pp before training.")
+    elif data_is_complete(data_folder, cases):
+        print(f"Preprocessed data already there: {data_folder}")
+    else:
+        preprocess_dataset(convert_dataset_name_to_id(dataset), args.p, (name,), (args.np or default_num_processes,))
+    print(f"Train with: python nnUNetv2_train_vit.py {args.dataset_name_or_id} {name} FOLD --config {args.config}")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    run_main(PROG, lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()
