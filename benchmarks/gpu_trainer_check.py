@@ -113,7 +113,9 @@ def demo_stage(settings: Settings, out: Path, env: dict) -> dict:
         result["vessel_dice"] = float(match.group(1))
     logs = sorted((work / "results").rglob("training_log_*.txt"))
     if logs:
-        batch = json.loads(next((work / "results").rglob("plans.json")).read_text())["configurations"]["2d"]
+        plans_file = next((work / "results").rglob("plans.json"))
+        configuration = plans_file.parent.name.split("__")[-1]  # Trainer__Plans__Configuration
+        batch = json.loads(plans_file.read_text())["configurations"][configuration]
         result.update(training_figures("".join(p.read_text() for p in logs), batch["batch_size"]))
     return result
 
@@ -129,10 +131,15 @@ def vitl_stage(name: str, compiled: bool, settings: Settings, out: Path, env: di
     config_file = out / f"{name}.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     configuration = f"2d_{name}"
+    started = time.monotonic()
+    planned = run_stage(f"{name}_plan", [sys.executable, "nnUNetv2_plan_vit.py", str(DATASET_ID), "--config",
+                                         str(config_file), "-c", configuration], settings.limits[name], out, env)
+    if planned["exit"] != 0:
+        return planned
     command = [sys.executable, "nnUNetv2_train_vit.py", str(DATASET_ID), configuration, "0", "--config",
                str(config_file), "-device", settings.device]
-    started = time.monotonic()
-    result = run_stage(name, command, settings.limits[name], out, env)
+    left = max(30, settings.limits[name] - int(time.monotonic() - started))
+    result = run_stage(name, command, left, out, env)
     results = Path(env["nnUNet_results"]) / f"Dataset{DATASET_ID}_{DATASET_NAME}"
     logs = sorted(results.glob(f"nnUNetTrainer_vit__nnUNetPlans__{configuration}/fold_0/training_log_*.txt"))
     if logs:
@@ -149,14 +156,14 @@ def vitl_stage(name: str, compiled: bool, settings: Settings, out: Path, env: di
 
 
 def prepare_512(settings: Settings, env: dict) -> None:
-    """The demo generator at 512x512 (or the dry run's size), planned and preprocessed by upstream."""
+    """The demo generator at 512x512 (or the dry run's size), planned by upstream (each stage plans its own)."""
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
-    from nnunetv2.vit.demo import plan_and_preprocess
+    from nnunetv2.vit.demo import plan
     from nnunetv2.vit.demo_data import write_demo_dataset
 
     dataset = write_demo_dataset(Path(env["nnUNet_raw"]), DATASET_ID, DATASET_NAME, num_train=settings.num_train,
                                  num_test=settings.num_test, size=settings.size)
-    plan_and_preprocess(DATASET_ID, Path(env["nnUNet_preprocessed"]), dataset.name)
+    plan(DATASET_ID, Path(env["nnUNet_preprocessed"]), dataset.name)
 
 
 def table(results: Dict[str, dict]) -> str:

@@ -133,10 +133,14 @@ def train_unet(device: str) -> Path:
 
 
 def train_vit(name: str, config: Path, device: str) -> Path:
-    """``nnUNetv2_train_vit.py 999 2d_<name> 0 --config <config>``; returns the fold folder."""
+    """``nnUNetv2_plan_vit.py 999 --config <config> -c 2d_<name>``, then ``nnUNetv2_train_vit.py 999 2d_<name> 0
+    --config <config>``; returns the fold folder."""
+    from nnunetv2.vit import plan as plan_cli
     from nnunetv2.vit.train import build_parser, results_folder, run
 
     configuration = f"2d_{name}"
+    plan_cli.run(plan_cli.build_parser().parse_args([str(DATASET_ID), "--config", str(config), "-c", configuration,
+                                                     "-np", os.environ["nnUNet_def_n_proc"]]))
     run(build_parser().parse_args([str(DATASET_ID), configuration, "0", "--config", str(config), "-device", device]))
     return results_folder(f"Dataset{DATASET_ID:03d}_{DATASET_NAME}", "nnUNetTrainer_vit", "nnUNetPlans",
                           configuration, "0")
@@ -199,7 +203,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.vit.demo import plan_and_preprocess
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+    from nnunetv2.vit.demo import plan
     from nnunetv2.vit.demo_data import write_demo_dataset
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
@@ -208,7 +213,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     get_device(device)  # threads as nnUNetv2_train sets them, for every row alike
     dataset = write_demo_dataset(workdir / "nnUNet_raw", DATASET_ID, DATASET_NAME, num_train=24, num_test=6, size=256)
-    plan_and_preprocess(DATASET_ID, workdir / "nnUNet_preprocessed", dataset.name)
+    plan(DATASET_ID, workdir / "nnUNet_preprocessed", dataset.name)
+    if not (workdir / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans_2d").is_dir():  # the U-Net's data
+        preprocess([DATASET_ID], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
 
     rows: List[Row] = []
     out_json = run_dir / "quality.json"
