@@ -44,7 +44,7 @@ PLANNED_FOR = ("backbone", "backbone_size", "normalization")  # what a config mu
 MAX_DATASET_COVERED = 0.05
 MIN_BATCH_SIZE = 2
 EIGHT_BIT = (0.0, 255.0)
-GB = 1e9  # nnU-Net's memory target is in GB (its reference values are measured in bytes / 1e9)
+GB = 1e9  # -gpu_memory_target is in GB (10^9 bytes), as nnU-Net's
 
 
 def default_gpu_memory_target_gb() -> float:
