@@ -38,8 +38,8 @@ FACTORY_KEYWORDS = tuple(
 )
 MODEL_PACKAGE = "nnunetv2.model"
 NORMALIZATIONS = ("backbone", "zscore")
-# What configs stored before a key existed meant by leaving it out (models trained then keep their meaning).
-STORED_BEFORE_KEY = {("model", "normalization"): "zscore"}
+# Configs stored before model.normalization existed trained on nnU-Net's z-scored data: they keep that meaning.
+STORED_BEFORE_NORMALIZATION = {"normalization": "zscore"}
 
 
 def builtin_model_modules() -> List[str]:
@@ -119,14 +119,12 @@ class ViTConfig:
     @classmethod
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
         """A config stored with a trained model (validated when its training started); keys added since then take
-        their defaults, except where ``STORED_BEFORE_KEY`` says what leaving them out meant then. Not validated
+        their defaults, except ``model.normalization`` (see ``STORED_BEFORE_NORMALIZATION``). Not validated
         again: its backbone file need not exist where the model is used."""
-        def values(name: str, section: type) -> Dict[str, Any]:
-            given = stored.get(name, {})
-            implied = {key: value for (where, key), value in STORED_BEFORE_KEY.items() if where == name}
-            return {f.name: given.get(f.name, implied.get(f.name)) for f in dataclasses.fields(section)
-                    if f.name in given or f.name in implied}
-        return cls(**{name: section(**values(name, section)) for name, section in SECTIONS.items()})
+        stored = {**stored, "model": {**STORED_BEFORE_NORMALIZATION, **stored.get("model", {})}}
+        return cls(**{name: section(**{f.name: stored.get(name, {})[f.name] for f in dataclasses.fields(section)
+                                       if f.name in stored.get(name, {})})
+                      for name, section in SECTIONS.items()})
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -122,6 +122,7 @@ def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name:
                        gpu_memory_target_gb: float) -> dict:
     """The plans with configuration ``name`` planned for ``config`` (a new dict; ``plans`` is left as it is)."""
     from nnunetv2.model.memory import training_memory
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     if not name.startswith(f"{BASE}_"):
@@ -135,7 +136,7 @@ def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name:
     plans = copy.deepcopy(plans)
     manager = PlansManager(plans)
     base = manager.get_configuration(BASE).configuration
-    num_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
+    num_channels = determine_num_input_channels(manager, BASE, dataset_json)  # as the trainer counts them
     num_classes = manager.get_label_manager(dataset_json).num_segmentation_heads
 
     def build():

@@ -30,8 +30,7 @@ from nnunetv2.vit.cli import (
 )
 from nnunetv2.vit.config import ViTConfig, load_config
 from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError
-from nnunetv2.vit.plan import BASE, PLAN_KEY, default_configuration_name, require_planned_for
-from nnunetv2.vit.plan import PROG as PLAN_PROG
+from nnunetv2.vit.plan import PROG as PLAN_PROG, BASE, PLAN_KEY, default_configuration_name, require_planned_for
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
