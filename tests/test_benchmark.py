@@ -71,10 +71,12 @@ def test_unet_plan_has_4x4_bottleneck():
     assert benchmark.unet_plan(1024)[0] == 9
 
 
-@pytest.mark.parametrize("conv", [torch.nn.Conv2d(8, 6, 3, padding=1), torch.nn.ConvTranspose2d(8, 6, 2, stride=2)],
+@pytest.mark.parametrize("make_conv", [lambda: torch.nn.Conv2d(8, 6, 3, padding=1),
+                                       lambda: torch.nn.ConvTranspose2d(8, 6, 2, stride=2)],
                          ids=["conv", "conv_transpose"])
-def test_cudnn_like_fp16_convolutions_match_native_cpu_fp16(conv):
+def test_cudnn_like_fp16_convolutions_match_native_cpu_fp16(make_conv):
     """The CPU stand-in used by fp16_overflow.py gives fp16 results like PyTorch's own fp16 kernels."""
+    conv = make_conv()  # built under the test's seed, not at collection with whatever RNG state that had
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
 
     def forward_backward(mode):
@@ -88,7 +90,10 @@ def test_cudnn_like_fp16_convolutions_match_native_cpu_fp16(conv):
     emulated = forward_backward(fp16_overflow.CudnnLikeFp16Convolutions())
     assert emulated[0].dtype == native[0].dtype == torch.float16
     for reference, value in zip(native, emulated):
-        torch.testing.assert_close(value.float(), reference.float(), rtol=1e-2, atol=1e-2)
+        # Sums of fp16 products round in a different order: the error scales with the terms, not with the sum
+        # (an absolute 1e-2 failed once in 900 seeds, on a weight gradient of 0.05 between terms of ~1).
+        scale = reference.float().abs().max().item()
+        torch.testing.assert_close(value.float(), reference.float(), rtol=1e-2, atol=1e-2 * max(1.0, scale))
     with fp16_overflow.CudnnLikeFp16Convolutions(), torch.autocast("cpu", dtype=torch.float16):
         assert not torch.isfinite(conv(torch.full((1, 8, 4, 4), 1e5))).all()  # beyond fp16's range, as on a GPU
 
