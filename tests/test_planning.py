@@ -235,7 +235,7 @@ def test_configs_stored_before_the_key_keep_nnunets_normalization():
     stored = model_config().to_dict()
     del stored["model"]["normalization"]
     assert ViTConfig.from_stored(stored).model.normalization == "zscore"
-    assert model_config().model.normalization == "backbone"
+    assert model_config().model.normalization == "auto"
 
 
 # --- commands: plan, preprocess, train, predict -------------------------------------------------------------------
@@ -253,13 +253,17 @@ def test_plan_preprocess_train_predict_on_the_demo_data(own_dataset, tmp_path, c
     assert sorted(p.name for p in data_folder.glob("*.pkl")) == sorted(
         f"{p.name[:-9]}.pkl" for p in (raw / "imagesTr").glob("*_0000.png"))
 
-    code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d", "0", "--config", config, "-device", "cpu"], capsys)
+    explicit = write_config(tmp_path / "2d_vit.yaml", normalization="backbone")
+    code, err = run_cli(train_cli.main, [str(DATASET_ID), "2d", "0", "--config", explicit, "-device", "cpu"], capsys)
     assert code == 2 and "nnU-Net's plan for its U-Net (ZScoreNormalization" in err
-    assert f"nnUNetv2_plan_vit.py {DATASET_ID} --config {config} -c 2d_vit" in err
+    assert f"nnUNetv2_plan_vit.py {DATASET_ID} --config {explicit} -c 2d_vit" in err
 
     train_cli.main([str(DATASET_ID), "2d_vit", "0", "--config", config, "-device", "cpu"])
+    assert "normalization: backbone (BackboneNormalization, " in capsys.readouterr().out
     model_folder = results / "Dataset987_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d_vit"
     assert (model_folder / "fold_0" / "checkpoint_final.pth").is_file()
+    stored = load_json(str(model_folder / "plans.json"))["configurations"]["2d_vit"]["vit_config"]
+    assert stored["model"]["normalization"] == "backbone"  # what 'auto' resolved to is what the model records
 
     from nnunetv2.vit.predict import predictor_from_trained_model
 
@@ -276,6 +280,34 @@ def test_plan_preprocess_train_predict_on_the_demo_data(own_dataset, tmp_path, c
     assert written == sorted(p.name.replace("_0000", "") for p in (raw / "imagesTs").glob("*.png"))
     image = raw / "imagesTs" / f"{written[0][:-4]}_0000.png"
     assert Image.open(predictions / written[0]).size == Image.open(image).size
+
+
+def test_the_plans_command_trains_a_shipped_config_on_2d_and_predicts(own_dataset, tmp_path, capsys, cpu_command):
+    """`nnUNetv2_train_vit.py DATASET 2d FOLD --config dpt.yaml` after nnU-Net's own planning only (the DPT plan's
+    command): dpt.yaml with a small backbone, no download and a short budget trains with nnU-Net's normalization on
+    '2d', says so and how to plan the backbone's, records it, and '-c 2d' predicts; '2d's data stay as they were."""
+    raw, folder, results = own_dataset
+    data_2d = folder / load_json(str(folder / "nnUNetPlans.json"))["configurations"]["2d"]["data_identifier"]
+    before = {p.name: p.stat().st_mtime_ns for p in data_2d.iterdir()}
+    config = tmp_path / "dpt_small.yaml"
+    config.write_text(yaml.safe_dump({"inherits": "dpt.yaml", "model": {"backbone_size": "small", "pretrained": False},
+                                      "train": TINY_TRAIN}))
+    capsys.readouterr()
+    train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu"])
+    out = capsys.readouterr().out
+    assert "normalization: nnU-Net's, as planned for '2d' (ZScoreNormalization" in out
+    assert f"nnUNetv2_plan_vit.py {DATASET_ID} --config {config} -c 2d_dpt_small" in out
+    model_folder = results / "Dataset987_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d"
+    assert load_json(str(model_folder / "plans.json"))["configurations"]["2d"]["vit_config"]["model"][
+        "normalization"] == "zscore"
+    assert {p.name: p.stat().st_mtime_ns for p in data_2d.iterdir()} == before
+
+    train_cli.main([str(DATASET_ID), "2d", "0", "--c", "-device", "cpu"])  # the stored config, resolved, resumes
+    predictions = tmp_path / "predictions"
+    predict_cli.main(["-i", str(raw / "imagesTs"), "-o", str(predictions), "-d", str(DATASET_ID), "-c", "2d",
+                      "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1"])
+    assert sorted(p.name for p in predictions.glob("*.png")) == sorted(
+        p.name.replace("_0000", "") for p in (raw / "imagesTs").glob("*.png"))
 
 
 def test_training_refuses_a_config_the_configuration_was_not_planned_for(own_dataset, tmp_path, capsys, cpu_command):

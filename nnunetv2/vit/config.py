@@ -37,7 +37,8 @@ FACTORY_KEYWORDS = tuple(
     if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
 )
 MODEL_PACKAGE = "nnunetv2.model"
-NORMALIZATIONS = ("backbone", "zscore")
+# auto: as the configuration trained on was planned (backbone on a nnUNetv2_plan_vit.py plan, nnU-Net's own on '2d').
+NORMALIZATIONS = ("auto", "backbone", "zscore")
 # Configs stored before model.normalization existed trained on nnU-Net's z-scored data: they keep that meaning.
 STORED_BEFORE_NORMALIZATION = {"normalization": "zscore"}
 
@@ -68,8 +69,10 @@ class ModelSection:
     checkpoint_path: Optional[str] = option(None)  # local backbone weights file; "" = none
     pretrained: bool = option(True)  # download timm weights when there is no checkpoint_path
     trust_checkpoint: bool = option(False)  # load checkpoint_path as a full pickle (it can run code)
-    # Input intensities as in the backbone's pretraining (nnUNetv2_plan_vit.py plans it), or nnU-Net's per-case z-score.
-    normalization: str = option("backbone", choices=NORMALIZATIONS)
+    # Input intensities: as in the backbone's pretraining (on a configuration nnUNetv2_plan_vit.py planned), as nnU-Net
+    # normalizes for its U-Net (zscore: '2d' and its data), or auto: whichever the configuration trained on was planned
+    # for. A trained model stores the one it used.
+    normalization: str = option("auto", choices=NORMALIZATIONS)
     decoder: Dict[str, Any] = option(factory=dict)  # checked against the factory's keyword-only parameters
 
 

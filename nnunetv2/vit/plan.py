@@ -3,22 +3,24 @@
 nnU-Net plans its ``2d`` configuration for its U-Net. This command adds ``2d_<name>`` to the dataset's plans,
 inheriting ``2d`` (spacing, resampling, splits) and choosing what the ViT needs:
 
-- normalization (``model.normalization``): ``backbone`` scales each channel to 0-1 and applies the backbone's
-  pretraining mean and std (``BackboneNormalization``, its own preprocessed data); ``zscore`` keeps nnU-Net's
-  normalization and the ``2d`` data;
+- normalization (``model.normalization``): ``auto`` or ``backbone`` scales each channel to 0-1 and applies the
+  backbone's pretraining mean and std (``BackboneNormalization``, its own preprocessed data); ``zscore`` keeps
+  nnU-Net's normalization and the ``2d`` data;
 - patch size: ``2d``'s, rounded to the model's alignment (patch size x token grid multiple), so no pixel of
   a patch is padding the model computes and throws away;
 - batch size: the largest that fits a GPU memory target by the memory model of the configured model
   (``nnunetv2.model.memory``), capped as nnU-Net caps its own.
 
-What was chosen, and why, is recorded in the configuration's ``vit_plan``; training refuses a config whose
-backbone or normalization differs from what the configuration was planned for.
+What was chosen, and why, is recorded in the configuration's ``vit_plan``; training resolves ``auto`` to what the
+configuration was planned for (nnU-Net's own normalization on ``2d``) and refuses a config whose backbone or explicit
+normalization differs from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -163,7 +165,8 @@ def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name:
 
     entry: dict = {"inherits_from": BASE, "patch_size": patch_size, "batch_size": batch_size}
     record = {
-        "planned_for": {key: getattr(config.model, key) for key in PLANNED_FOR},
+        "planned_for": {**{key: getattr(config.model, key) for key in PLANNED_FOR},
+                        "normalization": planned_normalization(config)},
         "model": f"{config.model.model_path} {config.model.backbone} {config.model.backbone_size}",
         "patch_size": f"'{BASE}' patch {list(base['patch_size'])} rounded to a multiple of {alignment} (patch "
                       f"{model.patch_size} x token grid multiple {model.token_grid_multiple}): {patch_size}",
@@ -173,7 +176,7 @@ def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name:
                          "optimizer": config.train.optimizer,
                          "gradient_checkpointing": config.train.gradient_checkpointing},
     }
-    if config.model.normalization == "backbone":
+    if planned_normalization(config) == "backbone":
         parameters, record["normalization"] = backbone_normalization(plans, config, num_channels)
         _store_parameters(plans, parameters, name)
         digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:8]
@@ -205,32 +208,52 @@ def _store_parameters(plans: dict, parameters: List[Dict], name: str) -> None:
         properties[str(c)][PARAMETERS_KEY] = channel
 
 
-def require_planned_for(plans: dict, configuration: str, config: ViTConfig, dataset: str, config_file: str) -> None:
-    """Refuse to train ``config`` on a configuration planned for another backbone or normalization (nnU-Net's
-    own ``2d`` is planned for the z-score)."""
+def planned_normalization(config: ViTConfig) -> str:
+    """What this command plans for a config: the backbone's normalization unless it asks for nnU-Net's (zscore)."""
+    return "zscore" if config.model.normalization == "zscore" else "backbone"
+
+
+def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, dataset: str,
+                          config_file: str) -> Tuple[ViTConfig, str]:
+    """``config`` with ``model.normalization`` as training on ``configuration`` applies it, and a line saying which
+    and how to get the other. ``auto`` takes what the configuration was planned for: nnU-Net's own normalization on
+    a configuration this command did not plan (``2d``), the planned one on ``2d_<name>``. A config whose backbone or
+    explicit normalization differs from the plan is refused, naming the command that plans for it."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     planned = PlansManager(plans).get_configuration(configuration).configuration
     record = planned.get(PLAN_KEY)
     model = config.model
+    name = configuration if configuration != BASE else default_configuration_name(config_file)
+    plan_command = f"`python {PROG} {dataset} --config {config_file} -c {name}`"
+    schemes = ", ".join(planned["normalization_schemes"])
     if record is None:
-        if model.normalization == "zscore":
-            return
-        name = configuration if configuration != BASE else default_configuration_name(config_file)
-        schemes = ", ".join(planned["normalization_schemes"])
-        raise ConfigError(
-            f"Configuration '{configuration}' is nnU-Net's plan for its U-Net ({schemes}), but {config_file} asks "
-            f"for model.normalization: backbone. Plan a configuration for it with "
-            f"`python {PROG} {dataset} --config {config_file} -c {name}` and train '{name}', or set "
-            f"model.normalization: zscore to train on '{configuration}'.")
-    wanted = {key: getattr(model, key) for key in PLANNED_FOR}
-    if record["planned_for"] != wanted:
-        differs = ", ".join(f"{key} {record['planned_for'][key]} (config: {wanted[key]})" for key in PLANNED_FOR
-                            if record["planned_for"][key] != wanted[key])
-        raise ConfigError(
-            f"Configuration '{configuration}' was planned for another model: {differs}. Plan one for {config_file} "
-            f"(`python {PROG} {dataset} --config {config_file} -c {default_configuration_name(config_file)}`), or "
-            f"train with the config it was planned for.")
+        if model.normalization == "backbone":
+            raise ConfigError(
+                f"Configuration '{configuration}' is nnU-Net's plan for its U-Net ({schemes}), but {config_file} asks "
+                f"for model.normalization: backbone. Plan a configuration for it with {plan_command} and train "
+                f"'{name}', or set model.normalization: auto (or zscore) to train on '{configuration}' with nnU-Net's "
+                f"normalization.")
+        used = "zscore"
+        note = (f"normalization: nnU-Net's, as planned for '{configuration}' ({schemes}). For the backbone's "
+                f"pretraining normalization (usually better from pretrained weights), plan a configuration with "
+                f"{plan_command} and train '{name}'.")
+    else:
+        wanted = {key: getattr(model, key) for key in PLANNED_FOR}
+        if model.normalization == "auto":
+            wanted["normalization"] = record["planned_for"]["normalization"]
+        if record["planned_for"] != wanted:
+            differs = ", ".join(f"{key} {record['planned_for'][key]} (config: {wanted[key]})" for key in PLANNED_FOR
+                                if record["planned_for"][key] != wanted[key])
+            raise ConfigError(
+                f"Configuration '{configuration}' was planned for another model: {differs}. Plan one for "
+                f"{config_file} (`python {PROG} {dataset} --config {config_file} -c "
+                f"{default_configuration_name(config_file)}`), or train with the config it was planned for.")
+        used = wanted["normalization"]
+        other = (f"nnU-Net's: train on '{BASE}'" if used == "backbone" else
+                 "the backbone's: plan with model.normalization: backbone under another name")
+        note = (f"normalization: {used} ({schemes}), as {PROG} planned '{configuration}'. For {other}.")
+    return dataclasses.replace(config, model=dataclasses.replace(model, normalization=used)), note
 
 
 def data_is_complete(folder: Path, cases: Sequence[str]) -> bool:

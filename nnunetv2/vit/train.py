@@ -30,7 +30,7 @@ from nnunetv2.vit.cli import (
 )
 from nnunetv2.vit.config import ViTConfig, load_config
 from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError
-from nnunetv2.vit.plan import PROG as PLAN_PROG, BASE, PLAN_KEY, default_configuration_name, require_planned_for
+from nnunetv2.vit.plan import PROG as PLAN_PROG, BASE, PLAN_KEY, default_configuration_name, resolve_normalization
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
@@ -342,8 +342,14 @@ def run(args: argparse.Namespace) -> None:
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
     stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
+    if requested is not None:  # 'auto' resolved first: a stored config holds the normalization it trained with
+        requested, note = resolve_normalization(plans, args.configuration, requested, args.dataset_name_or_id,
+                                                args.config)
     config = resolve_config(args, requested, stored, fold_folder)
-    require_planned_for(plans, args.configuration, config, args.dataset_name_or_id, args.config or "CONFIG.yaml")
+    if requested is None:
+        config, note = resolve_normalization(plans, args.configuration, config, args.dataset_name_or_id,
+                                             "CONFIG.yaml")
+    print(note)
     require_preprocessed(args, dataset, plans)
     if not (args.c or args.val):  # a resumed training passed this check when it started
         check_label_values(dataset, plans, dataset_json)
