@@ -338,14 +338,14 @@ def test_lora_merge_keeps_outputs(variant, backbone):
     x = torch.randn(1, 3, 64, 48)
     aligned = pad_to_multiple(x, model.patch_size * model.token_grid_multiple)
     with torch.no_grad():
-        out_lora, head_lora = model(x), model.decode_head(aligned)
+        out_lora, head_lora = model(x), model.decode_features(aligned)
         with model.backbone.disable_adapter():
-            head_base = model.decode_head(aligned)  # the decoder's output: logits, or the detail path's input
+            head_base = model.decode_features(aligned)  # the decoder's features
     assert not torch.allclose(head_lora, head_base, atol=1e-3), "perturbed LoRA weights do not change the output"
 
     model.disable_lora()
     with torch.no_grad():
-        out_merged, head_merged = model(x), model.decode_head(aligned)
+        out_merged, head_merged = model(x), model.decode_features(aligned)
     torch.testing.assert_close(head_merged, head_lora, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out_merged, out_lora, atol=1e-5, rtol=1e-4)
     assert not isinstance(model.backbone, PeftModel)
@@ -484,10 +484,13 @@ def test_detail_path_joins_the_decoder_at_its_finest_grid(variant, backbone, joi
     plain, detail = build(variant, backbone), build(f"{variant}_detail", backbone)
     assert plain.detail is None and detail.detail is not None
     assert DETAIL_STRIDES[detail.detail.join_level] == join_stride
-    assert detail.classifier is detail.detail.classifier
+    assert isinstance(detail.classifier, torch.nn.Conv2d)
+    assert detail.classifier.in_channels == detail.detail.out_channels
     assert not any(name.startswith("detail.") for name, _ in plain.named_parameters())
-    assert plain.classifier is not detail.classifier and not any(  # the decoder's own classifier is gone
-        name.startswith(("head.head.4", "head.classifier", "decoder.")) for name, _ in detail.named_parameters())
+    # The decoder's own classifier is gone: the detail path's features are classified by a 1x1 convolution.
+    assert [p.shape for p in plain.classifier.parameters()] != [p.shape for p in detail.classifier.parameters()]
+    names = [name for name, _ in detail.named_parameters()]
+    assert not any(name.startswith(("head.head.4", "head.classifier", "decoder.")) for name in names)
 
 
 @pytest.mark.parametrize("variant", ["dpt", "upernet", "primus"])

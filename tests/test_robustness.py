@@ -374,7 +374,7 @@ def test_training_from_pretrained_weights_downloads_nothing(nnunet_env, tmp_path
     caplog.set_level("INFO")
     train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu",
                     "-pretrained_weights", str(tmp_path / "weights.pth")])
-    assert "Loaded" in caplog.text and "classifier (head.head.4.weight, head.head.4.bias) left at" in caplog.text
+    assert "Loaded" in caplog.text and "classifier (classifier.0.weight, classifier.0.bias) left at" in caplog.text
     assert (nnunet_env[2] / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d" / "fold_0"
             / "checkpoint_final.pth").is_file()
 

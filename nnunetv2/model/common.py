@@ -1,10 +1,11 @@
 """What every ViT segmentation model shares: backbone set-up, padding/cropping, detail path, LoRA, summaries.
 
-Decoder files subclass ``ViTSegmentationModel``, build their decoder after ``super().__init__``
-(ending it with ``add_detail_path`` when ``self.detail_channels`` is set) and implement
-``decode_head`` and ``decoder_classifier``; ``make_factory`` turns the class into the module's
-``create_segmentation_model`` whose signature lists every accepted keyword (configs are validated
-against it).
+Decoder files subclass ``ViTSegmentationModel``, build their decoder after ``super().__init__``,
+implement ``decode_features`` (the decoder's last feature map) and end ``__init__`` with
+``end_decoder(classifier, channels, stride)``: the base then composes ``classifier`` after the
+features, or the detail path and its own classifier. ``make_factory`` turns the class into the
+module's ``create_segmentation_model`` whose signature lists every accepted keyword (configs are
+validated against it).
 """
 
 from __future__ import annotations
@@ -75,11 +76,12 @@ class ViTSegmentationModel(nn.Module):
             raise ValueError("detail_channels is set but detail_path is off: set detail_path: true, or drop it")
         self.num_classes = num_classes
         self.in_channels = in_channels
-        # Set when the decoder is to end in a DetailPath; the subclass then calls add_detail_path.
+        # Set when the decoder is to end in a DetailPath (built by end_decoder).
         self.detail_channels: Optional[List[int]] = (
             list(detail_channels or DEFAULT_DETAIL_CHANNELS) if detail_path else None
         )
         self.detail: Optional[DetailPath] = None
+        self.classifier: nn.Module  # set by the subclass's end_decoder
         self.backbone, self.patch_size, self.backbone_model_name = create_backbone(
             backbone_name, backbone_size, checkpoint_path=checkpoint_path, pretrained=pretrained,
             in_channels=in_channels, trust_checkpoint=trust_checkpoint,
@@ -91,37 +93,37 @@ class ViTSegmentationModel(nn.Module):
         if use_lora:
             self.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
 
-    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
-        """The decoder's output for the patch-aligned ``x``: logits on a grid aligned with ``x`` (any
-        multiple of its size) or, with the detail path, the last features before the classifier."""
+    def decode_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's last feature map (before its classifier) for the patch-aligned ``x``, on a grid aligned
+        with ``x``."""
         raise NotImplementedError
 
-    @property
-    def decoder_classifier(self) -> nn.Module:
-        """The decoder's layers whose shapes depend on ``num_classes`` (without the detail path)."""
-        raise NotImplementedError
-
-    def add_detail_path(self, decoder_channels: int, decoder_stride: float) -> None:
-        """End the decoder in a ``DetailPath`` that fuses its features (``decoder_channels`` maps,
-        ``decoder_stride`` times coarser than the input) with image detail into full-resolution logits."""
-        self.detail = DetailPath(self.in_channels, decoder_channels, decoder_stride, self.num_classes,
-                                 self.detail_channels)
+    def end_decoder(self, classifier: Optional[nn.Module], channels: int, stride: float) -> None:
+        """End the decoder, whose ``decode_features`` gives ``channels`` maps ``stride`` times coarser than the
+        input. Without the detail path, ``classifier`` (the decoder's own layers from those features to logits)
+        is the model's classifier. With it, a ``DetailPath`` fuses the features with image detail and a 1x1
+        convolution classifies at full resolution; the decoder's classifier is not used (pass None to skip
+        building it)."""
+        if self.detail_channels is None:
+            if classifier is None:
+                raise ValueError("a decoder without the detail path needs its classifier")
+            self.classifier = classifier
+        else:
+            self.detail = DetailPath(self.in_channels, channels, stride, self.detail_channels)
+            self.classifier = nn.Conv2d(self.detail.out_channels, self.num_classes, kernel_size=1)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits on a grid aligned with the patch-aligned ``x``."""
-        out = self.decode_head(x)
-        return out if self.detail is None else self.detail(x, out)
-
-    @property
-    def classifier(self) -> nn.Module:
-        """The layers whose shapes depend on ``num_classes`` (usually the last one): not transferred between
-        datasets by ``-pretrained_weights``, like nnU-Net's seg layers."""
-        return self.detail.classifier if self.detail is not None else self.decoder_classifier
+        """Logits on a grid aligned with the patch-aligned ``x``: decoder features, the detail path if any, the
+        classifier."""
+        features = self.decode_features(x)
+        if self.detail is not None:
+            features = self.detail(x, features)
+        return self.classifier(features)
 
     def classifier_keys(self) -> List[str]:
-        """State-dict keys of ``classifier``."""
-        name = next(name for name, module in self.named_modules() if module is self.classifier)
-        return [f"{name}.{key}" for key in self.classifier.state_dict()]
+        """State-dict keys of ``classifier``, the only layers whose shapes depend on ``num_classes``: not
+        transferred between datasets by ``-pretrained_weights``, like nnU-Net's seg layers."""
+        return [f"classifier.{key}" for key in self.classifier.state_dict()]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
@@ -279,7 +281,7 @@ def default_pyramid_channels(embed_dim: int) -> List[int]:
 
 class ViTPyramidHeadModel(ViTSegmentationModel):
     """Base of the decoders that read a ``ViTFeaturePyramid`` with a HuggingFace head (``self.head``,
-    last layer ``head.classifier``): UperNet and SegFormer. Subclasses call ``add_pyramid`` and set ``head``."""
+    last layer ``head.classifier``): UperNet and SegFormer. Subclasses call ``add_pyramid``, then ``add_head``."""
 
     token_grid_multiple = 2  # the 0.5x level
 
@@ -290,16 +292,19 @@ class ViTPyramidHeadModel(ViTSegmentationModel):
         return channels
 
     def add_head(self, head: nn.Module, hidden_size: int) -> None:
-        """Set ``self.head``, whose last layer is ``head.classifier`` after ``hidden_size`` channels at the
-        finest (1/4) level; with the detail path that classifier gives way to the path's."""
+        """Set ``self.head``, a HuggingFace decode head whose last layer is ``head.classifier`` after
+        ``hidden_size`` channels at the finest (1/4) level, and end the decoder there."""
         self.head = head
-        if self.detail_channels is not None:
-            self.head.classifier = nn.Identity()
-            self.add_detail_path(hidden_size, decoder_stride=self.patch_size / 4)
+        self.end_decoder(split_classifier(head), hidden_size, stride=self.patch_size / 4)
 
-    @property
-    def decoder_classifier(self) -> nn.Module:
-        return self.head.classifier
-
-    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))
+
+
+def split_classifier(head: nn.Module) -> nn.Module:
+    """Take the final layer (``head.classifier``) out of a HuggingFace decode head (UperNet, SegFormer) and leave
+    an identity in its place, so the head returns its features. HF heads end in their classifier inside
+    ``forward``; the model composes the classifier (or the detail path) after the features instead."""
+    classifier = head.classifier
+    head.classifier = nn.Identity()
+    return classifier

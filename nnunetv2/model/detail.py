@@ -5,8 +5,8 @@ builds from its tokens is 1/4 of the image (DPT's head: 1/2). Thin structures, s
 vessels or layer boundaries in OCT, are lost there. ``DetailPath`` adds what a U-Net's first
 encoder stages have: a few convolutions on the input image at full, 1/2 and 1/4 resolution. Its
 maps are fused, coarse to fine, with the decoder's last features (UNETR's convolutional skips from
-the input, on a ViT decoder instead of a ViT encoder), so the logits at full resolution see
-image detail. The decoder's own classifier is replaced by the path's.
+the input, on a ViT decoder instead of a ViT encoder), so the features at full resolution, which
+the model classifies in place of the decoder's own, see image detail.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ConvNormAct(nn.Sequential):
 
 
 class DetailPath(nn.Module):
-    """Image detail fused with a decoder's features into full-resolution logits.
+    """Image detail fused with a decoder's features into full-resolution features (``out_channels`` maps).
 
     ``forward(image, features)``: ``image`` is the (padded) model input, ``features`` the decoder's
     last map before its classifier, on a grid ``decoder_stride`` times coarser than the image.
@@ -53,7 +53,6 @@ class DetailPath(nn.Module):
         in_channels: int,
         decoder_channels: int,
         decoder_stride: float,
-        num_classes: int,
         channels: Sequence[int] = DEFAULT_DETAIL_CHANNELS,
     ) -> None:
         super().__init__()
@@ -75,7 +74,7 @@ class DetailPath(nn.Module):
             coarser = channels[level + 1] if level + 1 < len(channels) else 0
             joined = channels[level] if level == self.join_level else 0
             self.fuse.append(ConvNormAct(coarser + width + joined, width))
-        self.classifier = nn.Conv2d(channels[0], num_classes, kernel_size=1)
+        self.out_channels = channels[0]
 
     def forward(self, image: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         details: List[torch.Tensor] = []
@@ -92,7 +91,7 @@ class DetailPath(nn.Module):
             if level == self.join_level:
                 inputs.append(_resize(self.project(features), detail))
             fused = self.fuse[level](torch.cat(inputs, dim=1))
-        return self.classifier(fused)
+        return fused
 
 
 def _resize(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

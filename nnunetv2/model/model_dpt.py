@@ -61,11 +61,8 @@ class DPTSegmentationModel(ViTSegmentationModel):
         self.head = DPTSemanticSegmentationHead(self.config)
         # The first fusion layer has no residual input, so its residual unit would never get a gradient.
         del self.neck.fusion_stage.layers[0].residual_layer1
-        if self.detail_channels is not None:
-            # HF's head is conv, BN, ReLU, dropout, 1x1 conv to the classes, x2 upsample: keep its features
-            # (fusion_hidden_size maps on the fusion stage's grid, 8x the token grid), classify in the detail path.
-            self.head.head = self.head.head[:4]
-            self.add_detail_path(fusion_hidden_size, decoder_stride=self.patch_size / 8)
+        # fusion_hidden_size maps on the fusion stage's grid (8x the token grid), then the head's convolutions.
+        self.end_decoder(split_dpt_classifier(self.head), fusion_hidden_size, stride=self.patch_size / 8)
 
     # Read-only views of the config, under the names of the DPT plan's model (code written against it reads them).
     @property
@@ -80,17 +77,22 @@ class DPTSegmentationModel(ViTSegmentationModel):
     def backbone_patch_size(self) -> int:
         return self.patch_size
 
-    @property
-    def decoder_classifier(self) -> nn.Module:
-        return self.head.head[4]
-
-    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_features(self, x: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         tokens, cls_tokens = get_vit_features(self.backbone, x, self.feature_indices, return_cls=True, output_fmt="NLC")
         hidden_states: List[torch.Tensor] = [
             torch.cat([cls[:, None], patch_tokens], dim=1) for patch_tokens, cls in zip(tokens, cls_tokens)
         ]
         return self.head(self.neck(hidden_states, patch_height=grid_h, patch_width=grid_w))
+
+
+def split_dpt_classifier(head: DPTSemanticSegmentationHead) -> nn.Sequential:
+    """Take the classifier out of HF's DPT head and return it, so the head returns its features. The head is one
+    ``nn.Sequential``: 3x3 conv, BN, ReLU, dropout (the features), then a 1x1 conv to the classes and a x2
+    bilinear upsample (the classifier, which gives way to the detail path's when that is on)."""
+    classifier = nn.Sequential(*head.head[4:])
+    head.head = head.head[:4]
+    return classifier
 
 
 create_segmentation_model = make_factory(DPTSegmentationModel)

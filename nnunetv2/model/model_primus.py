@@ -30,24 +30,28 @@ class PrimusSegmentationModel(ViTSegmentationModel):
             self.fuse = nn.Sequential(
                 nn.Conv2d(4 * self.embed_dim, self.embed_dim, kernel_size=1), LayerNormNd(self.embed_dim), nn.GELU()
             )
-        if self.detail_channels is not None:
-            # The detail path decodes the token map itself, in place of PatchDecode.
-            self.add_detail_path(self.embed_dim, decoder_stride=self.patch_size)
-        else:
-            decode_stride = 1 << (self.patch_size - 1).bit_length()
-            # PatchDecode is written for 3D; a singleton third axis with stride 1 makes it 2D.
-            self.decoder = PatchDecode((decode_stride, decode_stride, 1), self.embed_dim, self.num_classes)
+        decode_stride = 1 << (self.patch_size - 1).bit_length()
+        # PatchDecode derives every layer's width from num_classes: all of it is the classifier. With the detail
+        # path, the token map goes to the detail path instead, and no PatchDecode is built.
+        classifier = PatchDecode2d(decode_stride, self.embed_dim, self.num_classes) if self.detail_channels is None \
+            else None
+        self.end_decoder(classifier, self.embed_dim, stride=self.patch_size)
 
-    @property
-    def decoder_classifier(self) -> nn.Module:
-        return self.decoder  # PatchDecode derives every layer's width from num_classes
-
-    def decode_head(self, x: torch.Tensor) -> torch.Tensor:
+    def decode_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.multi_scale:
-            tokens = self.fuse(torch.cat(get_vit_features(self.backbone, x, self.feature_indices), dim=1))
-        else:
-            tokens = get_vit_features(self.backbone, x, self.feature_indices[-1:])[0]
-        return tokens if self.detail is not None else self.decoder(tokens[..., None])[..., 0]
+            return self.fuse(torch.cat(get_vit_features(self.backbone, x, self.feature_indices), dim=1))
+        return get_vit_features(self.backbone, x, self.feature_indices[-1:])[0]
+
+
+class PatchDecode2d(PatchDecode):
+    """dynamic_network_architectures' ``PatchDecode`` (written for 3D) on 2D maps: a singleton third axis with
+    stride 1."""
+
+    def __init__(self, stride: int, embed_dim: int, out_channels: int) -> None:
+        super().__init__((stride, stride, 1), embed_dim, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[..., None])[..., 0]
 
 
 create_segmentation_model = make_factory(PrimusSegmentationModel)
