@@ -246,11 +246,15 @@ def test_unknown_format_lists_known_formats_and_first_keys(tmp_path):
     assert "backbone_size" not in message
 
 
-def test_transformers_folder_of_the_other_family_names_its_model_type(written):
-    saved = written("dinov3")
+@pytest.mark.parametrize("source,target,model_type", [("dinov3", "dinov2", "dinov3_vit"), ("dinov2", "dinov3", "dinov2")])
+def test_transformers_folder_of_the_other_family_is_refused(written, source, target, model_type):
+    """A transformers folder of the sibling family: refused, with what config.json says the folder holds."""
     with pytest.raises(BackboneWeightsError) as err:
-        create_backbone("dinov2", "small", checkpoint_path=saved.folder, pretrained=False)
-    assert "no format known" in str(err.value) and "says model_type 'dinov3_vit'" in str(err.value)
+        create_backbone(target, "small", checkpoint_path=written(source).folder, pretrained=False)
+    message = str(err.value)
+    assert f"the config.json beside it says model_type '{model_type}'" in message
+    assert "model.backbone" in message or "no format known" in message
+    assert "model.backbone_size" not in message
 
 
 def test_folder_without_weights_is_refused(tmp_path):

@@ -134,14 +134,14 @@ def dinov3_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDi
         gated = any(".mlp.gate_proj." in name for name in state_dict)
         state_dict = _rename(state_dict, _DINOV3_FROM_TRANSFORMERS + _DINOV3_MLP_FROM_TRANSFORMERS[gated])
         state_dict = _concatenate(state_dict, ("attn.q", "attn.k", "attn.v"), "attn.qkv")
-    if getattr(model.blocks[0].attn, "q_bias", None) is None:
+    if "storage_tokens" in state_dict and getattr(model.blocks[0].attn, "q_bias", None) is None:  # Meta's layout
         state_dict = dict(state_dict)
         for name in [k for k in state_dict if k.endswith("attn.qkv.bias")]:
             bias = state_dict.pop(name) * state_dict.get(name + "_mask", 1)
             if bias.any():
                 raise BackboneWeightsError(
-                    f"tensor {name} holds non-zero query/value biases, but timm's "
-                    f"{type(model).__name__} for this size has none: loading it would change the features.")
+                    f"tensor {name} holds non-zero query/value biases, but timm's {_architecture(model)} has none: "
+                    f"loading it without them would change the features.")
     return eva_checkpoint_filter(state_dict, model)
 
 
@@ -313,8 +313,11 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
         state_dict = family.checkpoint_filter(state_dict, model)
     except BackboneWeightsError as err:
         raise BackboneWeightsError(f"Checkpoint {path}: {err}") from err
-    except Exception as err:  # timm's filters assume their own family's layout (e.g. a pos_embed)
-        raise _unknown_format(path, name, family, file_keys, f"converting it failed ({type(err).__name__}: {err})")
+    except Exception as err:  # timm's filters assume their own family's layout (e.g. dinov2's pos_embed in dinov3)
+        raise BackboneWeightsError(
+            f"Checkpoint {path} does not fit backbone {name}: converting it failed ({type(err).__name__}: {err}). "
+            f"Check that model.backbone names the model this file holds. {_file_formats(path, family, file_keys)}"
+        ) from err
     proj = "patch_embed.proj.weight"
     if in_channels != 3 and proj in state_dict and state_dict[proj].shape[1] == 3:
         state_dict[proj] = adapt_input_conv(in_channels, state_dict[proj])
@@ -331,7 +334,7 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
     if missing:
         _logger.info("Missing (left at initialisation): %s", ", ".join(missing[:20]))
     if len(matched) < MIN_MATCHED_FRACTION * len(own):
-        fit = f"only {len(matched)} of {len(own)} tensors of {name} match"
+        fit = f"only {len(matched)} of {len(own)} tensors match"
         if len(matched) + len(wrong_shape) >= MIN_MATCHED_FRACTION * len(own):
             example = proj if proj in wrong_shape else wrong_shape[0]
             raise BackboneWeightsError(
@@ -346,23 +349,23 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
                 f"of another backbone with a similar layout (e.g. a dinov3 file for dinov2): check that "
                 f"model.backbone names the model this file holds."
             )
-        raise _unknown_format(path, name, family, file_keys, fit)
+        raise BackboneWeightsError(
+            f"Checkpoint {path} is in no format known for backbone {name} ({fit}). "
+            f"{_file_formats(path, family, file_keys)}"
+        )
     model.load_state_dict(matched, strict=False)
 
 
-def _unknown_format(path: Path, name: str, family: BackboneFamily, file_keys: List[str],
-                    detail: str) -> BackboneWeightsError:
-    """The error for a file in none of the family's formats: what they are, and what the file holds."""
+def _file_formats(path: Path, family: BackboneFamily, file_keys: List[str]) -> str:
+    """The family's known formats and what the file holds: its first keys, and the model_type of a transformers
+    ``config.json`` beside it."""
     config = (path if path.is_dir() else path.parent) / "config.json"
     try:
         model_type = json.loads(config.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         model_type = None
-    return BackboneWeightsError(
-        f"Checkpoint {path} is in no format known for backbone {name} ({detail}). Known formats: "
-        f"{'; '.join(family.formats)}. The file's first keys: {file_keys}"
-        + (f"; the config.json beside it says model_type '{model_type}'." if model_type else ".")
-    )
+    return (f"Known formats: {'; '.join(family.formats)}. The file's first keys: {file_keys}"
+            + (f"; the config.json beside it says model_type '{model_type}'." if model_type else "."))
 
 
 def _architecture(model: nn.Module) -> str:
