@@ -26,6 +26,7 @@ from nnunetv2.model.backbone import (
     get_vit_features,
     load_backbone_checkpoint,
 )
+from nnunetv2.vit.config import build_model, validate_config
 
 ATOL = 1e-4
 HF_CONFIGS = {  # timm's ViT-S of each family, in transformers' config classes
@@ -106,6 +107,17 @@ def test_transformers_checkpoint_gives_transformers_features(written, family, gi
     path = saved.folder if given == "folder" else saved.folder / "model.safetensors"
     backbone, _, _ = create_backbone(family, "small", checkpoint_path=path, pretrained=False)
     assert_same_features(backbone, saved.x, saved.tokens)
+
+
+def test_config_checkpoint_path_takes_a_transformers_folder(written):
+    """``model.checkpoint_path: FOLDER`` in a config: validated, and the built segmentation model's backbone
+    computes transformers' features."""
+    saved = written("dinov3")
+    config = validate_config({"model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3",
+                                        "backbone_size": "small", "checkpoint_path": str(saved.folder)}})
+    assert config.model.checkpoint_path == str(saved.folder.resolve())
+    model = build_model(config, in_channels=3, num_classes=2, load_weights=True)
+    assert_same_features(model.backbone, saved.x, saved.tokens)
 
 
 def test_transformers_dinov3_swiglu_checkpoint(written):
@@ -246,7 +258,8 @@ def test_unknown_format_lists_known_formats_and_first_keys(tmp_path):
     assert "backbone_size" not in message
 
 
-@pytest.mark.parametrize("source,target,model_type", [("dinov3", "dinov2", "dinov3_vit"), ("dinov2", "dinov3", "dinov2")])
+@pytest.mark.parametrize("source,target,model_type",
+                         [("dinov3", "dinov2", "dinov3_vit"), ("dinov2", "dinov3", "dinov2")])
 def test_transformers_folder_of_the_other_family_is_refused(written, source, target, model_type):
     """A transformers folder of the sibling family: refused, with what config.json says the folder holds."""
     with pytest.raises(BackboneWeightsError) as err:
@@ -266,13 +279,15 @@ def test_folder_without_weights_is_refused(tmp_path):
 
 
 def test_checkpoint_of_another_size_is_refused(tmp_path):
-    """A ViT-B file (transformers' DINOv3 layout) for backbone_size small: the size is named as the problem."""
-    torch.manual_seed(0)
+    """A ViT-B file (transformers' DINOv3 names and shapes, zeros: only they matter) for backbone_size small."""
     config = DINOv3ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                              num_register_tokens=4)
-    DINOv3ViTModel(config).save_pretrained(tmp_path)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in DINOv3ViTModel(config).state_dict().items()}
+    path = tmp_path / "model.safetensors"
+    save_file({k: torch.zeros(shape) for k, shape in shapes.items()}, path)
     with pytest.raises(BackboneWeightsError) as err:
-        create_backbone("dinov3", "small", checkpoint_path=tmp_path, pretrained=False)
+        create_backbone("dinov3", "small", checkpoint_path=path, pretrained=False)
     message = str(err.value)
     assert "another size" in message and "model.backbone_size" in message
     assert "(768, 3, 16, 16) in the file, (384, 3, 16, 16)" in message
