@@ -270,6 +270,27 @@ def test_transformers_folder_of_the_other_family_is_refused(written, source, tar
     assert "model.backbone_size" not in message
 
 
+def test_dinov2_with_registers_is_refused(tmp_path):
+    """Meta's dinov2_vits14_reg4 layout: all but the position embedding would match; refused, not half loaded."""
+    torch.manual_seed(0)
+    state_dict = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0).state_dict()
+    state_dict.update(register_tokens=torch.randn(1, 4, 384), mask_token=torch.zeros(1, 384))
+    path = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(state_dict, path)
+    with pytest.raises(BackboneWeightsError, match="DINOv2 with registers") as err:
+        create_backbone("dinov2", "small", checkpoint_path=path, pretrained=False)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_safetensors_names_the_file(written, tmp_path):
+    data = (written("dinov3").folder / "model.safetensors").read_bytes()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BackboneWeightsError, match="corrupt or truncated") as err:
+        create_backbone("dinov3", "small", checkpoint_path=path, pretrained=False)
+    assert str(path) in str(err.value)
+
+
 def test_folder_without_weights_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "dinov2"}))
     with pytest.raises(BackboneWeightsError) as err:

@@ -117,11 +117,20 @@ def _concatenate(state_dict: StateDict, parts: Sequence[str], fused: str) -> Sta
 
 
 def dinov2_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """timm's ViT filter (timm's and Meta's layouts), after renaming transformers' ``Dinov2Model`` layout to Meta's."""
+    """timm's ViT filter (timm's and Meta's layouts), after renaming transformers' ``Dinov2Model`` layout to Meta's.
+
+    DINOv2 with registers is refused: its position embedding has no CLS entry and would be left random, a loss
+    the matched-tensor count (all but one) does not show."""
     if "embeddings.cls_token" in state_dict:
         state_dict = _rename(state_dict, _DINOV2_FROM_TRANSFORMERS)
         state_dict = _concatenate(state_dict, ("attn.q", "attn.k", "attn.v"), "attn.qkv")
         state_dict = _concatenate(state_dict, ("mlp.gate_proj", "mlp.up_proj"), "mlp.w12")
+    registers = {"register_tokens", "reg_token"} & set(state_dict)
+    if registers and not getattr(model, "num_reg_tokens", 0):
+        raise BackboneWeightsError(
+            f"it is a DINOv2 with registers ({registers.pop()}), which timm's {_architecture(model)} is not: use a "
+            f"DINOv2 checkpoint without registers (facebook/dinov2-{{small,base,large,giant}}, Meta's "
+            f"dinov2_vit*14_pretrain.pth).")
     return vit_checkpoint_filter(state_dict, model)
 
 
