@@ -250,6 +250,8 @@ def test_checkpoint_of_another_family_is_refused(source, target, files):
     with pytest.raises(BackboneWeightsError) as err:
         load(target, files[source])
     assert str(files[source]) in str(err.value)
+    assert "check that model.backbone names the model this file holds" in str(err.value).lower()
+    assert "model.backbone_size" not in str(err.value)
 
 
 def test_checkpoint_with_unknown_keys_is_refused(tmp_path):

@@ -1,14 +1,17 @@
 """ViT backbones for segmentation: a registry of foundation-model families built with timm.
 
 Each family is one row of ``BACKBONES``: which timm architecture it is, which sizes exist, where
-pretrained weights come from (a timm pretrained tag, or only a local checkpoint file) and which timm
-checkpoint filter converts foreign checkpoint layouts. ``create_backbone`` is the only way models
-get a backbone; ``get_vit_features`` is the only way decoders read multi-scale features from it.
+pretrained weights come from (a timm pretrained tag, or only a local checkpoint file) and which checkpoint
+filter converts foreign checkpoint layouts: timm's own, or for DINOv2 / DINOv3 one that first renames
+transformers' layout to Meta's original one, which timm's filter then converts. ``create_backbone`` is the
+only way models get a backbone; ``get_vit_features`` is the only way decoders read multi-scale features from it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -52,6 +55,103 @@ class BackboneFamily:
     drop_prefixes: Tuple[str, ...] = ()  # pretraining-only tensors (MAE decoder, iBOT mask embedding)
     # Input statistics of pretraining for a family without a timm tag; tagged ones read timm's pretrained_cfg.
     input_statistics: Optional[Statistics] = None
+    formats: Tuple[str, ...] = ("timm's (.pth / .safetensors)",)  # checkpoint layouts it loads, for error messages
+
+
+# transformers' names of DINOv2 / DINOv3 (as save_pretrained writes them, and as transformers 5 names the modules)
+# to those of Meta's original checkpoints, which timm's checkpoint filters already convert. Rules apply in order;
+# ``{q,k,v}`` and SwiGLU's gate/up halves are concatenated afterwards into Meta's fused tensors.
+Rules = Tuple[Tuple[str, str], ...]
+_DINOV2_FROM_TRANSFORMERS: Rules = (
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.", ""),  # cls_token, mask_token, register_tokens: Meta's names
+    (r"^encoder\.layer\.", "blocks."),
+    (r"\.attention\.(?:attention\.query|q_proj)\.", ".attn.q."),
+    (r"\.attention\.(?:attention\.key|k_proj)\.", ".attn.k."),
+    (r"\.attention\.(?:attention\.value|v_proj)\.", ".attn.v."),
+    (r"\.attention\.(?:output\.dense|o_proj)\.", ".attn.proj."),
+    (r"\.layer_scale(\d)\.lambda1$", r".ls\1.gamma"),
+    (r"\.mlp\.weights_in\.", ".mlp.w12."),  # SwiGLU (giant): gate and up halves packed, as Meta's w12
+    (r"\.mlp\.(?:weights_out|down_proj)\.", ".mlp.w3."),
+    (r"^layernorm\.", "norm."),
+)
+_DINOV3_FROM_TRANSFORMERS: Rules = (
+    (r"^embeddings\.patch_embeddings\.", "patch_embed.proj."),
+    (r"^embeddings\.register_tokens$", "storage_tokens"),
+    (r"^embeddings\.", ""),  # cls_token, mask_token
+    (r"^(?:model\.)?layer\.", "blocks."),
+    (r"\.attention\.([qkv])_proj\.", r".attn.\1."),
+    (r"\.attention\.o_proj\.", ".attn.proj."),
+    (r"\.layer_scale(\d)\.lambda1$", r".ls\1.gamma"),
+)
+_DINOV3_MLP_FROM_TRANSFORMERS: Dict[bool, Rules] = {  # by whether the MLP is gated (SwiGLU: small_plus, huge_plus, 7b)
+    False: ((r"\.mlp\.up_proj\.", ".mlp.fc1."), (r"\.mlp\.down_proj\.", ".mlp.fc2.")),
+    True: ((r"\.mlp\.gate_proj\.", ".mlp.w1."), (r"\.mlp\.up_proj\.", ".mlp.w2."), (r"\.mlp\.down_proj\.", ".mlp.w3.")),
+}
+
+
+def _rename(state_dict: StateDict, rules: Rules) -> StateDict:
+    out = {}
+    for name, tensor in state_dict.items():
+        for pattern, replacement in rules:
+            name = re.sub(pattern, replacement, name)
+        out[name] = tensor
+    return out
+
+
+def _concatenate(state_dict: StateDict, parts: Sequence[str], fused: str) -> StateDict:
+    """Concatenate each block's ``{part}.weight`` / ``.bias`` tensors, in ``parts`` order, into ``{fused}.*``.
+
+    A missing bias part is zeros (DINOv3's key projection has no bias; Meta's fused one holds zeros there)."""
+    out = dict(state_dict)
+    for name in [k for k in state_dict if k.endswith(f".{parts[0]}.weight")]:
+        stem = name[: -len(f"{parts[0]}.weight")]
+        weights = [out.pop(f"{stem}{part}.weight") for part in parts]
+        out[f"{stem}{fused}.weight"] = torch.cat(weights)
+        biases = [out.pop(f"{stem}{part}.bias", None) for part in parts]
+        if any(bias is not None for bias in biases):
+            out[f"{stem}{fused}.bias"] = torch.cat([
+                w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+    return out
+
+
+def dinov2_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """timm's ViT filter (timm's and Meta's layouts), after renaming transformers' ``Dinov2Model`` layout to Meta's.
+
+    DINOv2 with registers is refused: its position embedding has no CLS entry and would be left random, a loss
+    the matched-tensor count (all but one) does not show."""
+    if "embeddings.cls_token" in state_dict:
+        state_dict = _rename(state_dict, _DINOV2_FROM_TRANSFORMERS)
+        state_dict = _concatenate(state_dict, ("attn.q", "attn.k", "attn.v"), "attn.qkv")
+        state_dict = _concatenate(state_dict, ("mlp.gate_proj", "mlp.up_proj"), "mlp.w12")
+    registers = {"register_tokens", "reg_token"} & set(state_dict)
+    if registers and not getattr(model, "num_reg_tokens", 0):
+        raise BackboneWeightsError(
+            f"it is a DINOv2 with registers ({registers.pop()}), which timm's {_architecture(model)} is not: use a "
+            f"DINOv2 checkpoint without registers (facebook/dinov2-{{small,base,large,giant}}, Meta's "
+            f"dinov2_vit*14_pretrain.pth).")
+    return vit_checkpoint_filter(state_dict, model)
+
+
+def dinov3_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDict:
+    """timm's Eva filter (timm's and Meta's layouts), after renaming transformers' ``DINOv3ViTModel`` layout to Meta's.
+
+    timm's DINOv3 models have no q/v bias where Meta's distilled checkpoints hold zeros: those are dropped, and a
+    non-zero one, which the timm model could not hold, is refused rather than lost."""
+    if "embeddings.cls_token" in state_dict:
+        gated = any(".mlp.gate_proj." in name for name in state_dict)
+        state_dict = _rename(state_dict, _DINOV3_FROM_TRANSFORMERS + _DINOV3_MLP_FROM_TRANSFORMERS[gated])
+        state_dict = _concatenate(state_dict, ("attn.q", "attn.k", "attn.v"), "attn.qkv")
+    if "storage_tokens" in state_dict and getattr(model.blocks[0].attn, "q_bias", None) is None:  # Meta's layout
+        state_dict = dict(state_dict)
+        for name in [k for k in state_dict if k.endswith("attn.qkv.bias")]:
+            bias = state_dict.pop(name) * state_dict.get(name + "_mask", 1)
+            if bias.any():
+                raise BackboneWeightsError(
+                    f"tensor {name} holds non-zero query/value biases, but timm's {_architecture(model)} has none: "
+                    f"loading it without them would change the features.")
+    return eva_checkpoint_filter(state_dict, model)
 
 
 def file_only_vit16(size: str, **checkpoint_format) -> BackboneFamily:
@@ -70,14 +170,18 @@ BACKBONES: Dict[str, BackboneFamily] = {
         sizes=("small", "small_plus", "base", "large", "huge_plus", "7b"),
         patch_size=16,
         pretrained_tag="lvd1689m",
-        checkpoint_filter=eva_checkpoint_filter,
+        checkpoint_filter=dinov3_checkpoint_filter,
+        formats=("timm's (.pth / .safetensors)", "Meta's dinov3 repository (.pth)",
+                 "transformers' DINOv3ViTModel (model.safetensors, or the folder with it and config.json)"),
     ),
     "dinov2": BackboneFamily(
         timm_name="vit_{size}_patch14_dinov2",
         sizes=("small", "base", "large", "giant"),
         patch_size=14,
         pretrained_tag="lvd142m",
-        checkpoint_filter=vit_checkpoint_filter,
+        checkpoint_filter=dinov2_checkpoint_filter,
+        formats=("timm's (.pth / .safetensors)", "Meta's dinov2 repository (.pth)",
+                 "transformers' Dinov2Model (model.safetensors, or the folder with it and config.json)"),
     ),
     # MAE checkpoint: {"model": ...} with the MAE decoder and mask token next to the encoder.
     "retfound": file_only_vit16("large", drop_prefixes=("decoder_", "mask_token")),
@@ -144,7 +248,7 @@ def create_backbone(
     kwargs = dict(num_classes=0, in_chans=in_channels, dynamic_img_size=True)
 
     if checkpoint_path is not None:
-        if not checkpoint_path.is_file():
+        if not checkpoint_path.exists():
             raise BackboneWeightsError(
                 f"Backbone checkpoint not found: {checkpoint_path}. Fix model.checkpoint_path in the config."
             )
@@ -198,23 +302,30 @@ def _unwrap_state_dict(checkpoint: dict, family: BackboneFamily) -> StateDict:
 
 def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamily, in_channels: int = 3,
                              trust: bool = False) -> None:
-    """Load a local checkpoint into a timm backbone, reporting matched/missing/unexpected tensors.
+    """Load a local checkpoint (a file, or the folder transformers writes) into a timm backbone, reporting
+    matched/missing/unexpected tensors.
 
     The file is read as data (``checkpoint_io``) unless ``trust``. Format glue this repository adds
-    (wrapper dicts, DDP/DINO prefixes, pretraining-only keys) runs first; timm's own filter then converts
-    layouts it knows (Meta DINOv3 originals, pos-embed size).
+    (wrapper dicts, DDP/DINO prefixes, pretraining-only keys) runs first; the family's filter then converts
+    the layouts it knows (transformers', Meta's originals, pos-embed size). A file that fits less than
+    ``MIN_MATCHED_FRACTION`` of the backbone is refused with what it looks like: another size, another
+    family, or a format this family does not know.
     """
     try:
         checkpoint = read_checkpoint(path, trust=trust, opt_in="set model.trust_checkpoint: true in the config")
-    except CorruptCheckpointError as err:
+    except (CorruptCheckpointError, FileNotFoundError) as err:
         raise BackboneWeightsError(str(err)) from err
     state_dict = _unwrap_state_dict(checkpoint, family)
+    file_keys = list(state_dict)[:5]
+    name = _architecture(model)
     try:
         state_dict = family.checkpoint_filter(state_dict, model)
-    except Exception as err:  # timm's filters assume their own family's layout (e.g. a pos_embed)
+    except BackboneWeightsError as err:
+        raise BackboneWeightsError(f"Checkpoint {path}: {err}") from err
+    except Exception as err:  # timm's filters assume their own family's layout (e.g. dinov2's pos_embed in dinov3)
         raise BackboneWeightsError(
-            f"Checkpoint {path} does not fit backbone {type(model).__name__}: converting it failed "
-            f"({type(err).__name__}: {err}). Check model.backbone / model.backbone_size for this file."
+            f"Checkpoint {path} does not fit backbone {name}: converting it failed ({type(err).__name__}: {err}). "
+            f"Check that model.backbone names the model this file holds. {_file_formats(path, family, file_keys)}"
         ) from err
     proj = "patch_embed.proj.weight"
     if in_channels != 3 and proj in state_dict and state_dict[proj].shape[1] == 3:
@@ -225,20 +336,50 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
     wrong_shape = sorted(k for k in state_dict if k in own and own[k].shape != state_dict[k].shape)
     unexpected = sorted(k for k in state_dict if k not in own)
     missing = sorted(k for k in own if k not in matched)
-    fraction = len(matched) / max(len(own), 1)
     _logger.info(
         "Checkpoint %s: %d tensors matched, %d missing, %d unexpected, %d with wrong shape",
         path, len(matched), len(missing), len(unexpected), len(wrong_shape),
     )
     if missing:
         _logger.info("Missing (left at initialisation): %s", ", ".join(missing[:20]))
-    if fraction < MIN_MATCHED_FRACTION:
+    if len(matched) < MIN_MATCHED_FRACTION * len(own):
+        fit = f"only {len(matched)} of {len(own)} tensors match"
+        if len(matched) + len(wrong_shape) >= MIN_MATCHED_FRACTION * len(own):
+            example = proj if proj in wrong_shape else wrong_shape[0]
+            raise BackboneWeightsError(
+                f"Checkpoint {path} holds another size of this backbone: {fit}, {len(wrong_shape)} have other "
+                f"shapes (e.g. {example}: {tuple(state_dict[example].shape)} in the file, {tuple(own[example].shape)} "
+                f"in {name}). Set model.backbone_size to the size of this file."
+            )
+        if len(matched) >= 0.5 * len(own):
+            raise BackboneWeightsError(
+                f"Checkpoint {path} does not fit backbone {name}: {fit} ({len(wrong_shape)} have a different shape, "
+                f"{len(unexpected)} are unknown, e.g. {(wrong_shape + unexpected)[:3]}). It looks like a checkpoint "
+                f"of another backbone with a similar layout (e.g. a dinov3 file for dinov2): check that "
+                f"model.backbone names the model this file holds."
+            )
         raise BackboneWeightsError(
-            f"Checkpoint {path} does not fit backbone {type(model).__name__}: only {len(matched)} of {len(own)} "
-            f"tensors match ({len(wrong_shape)} have a different shape, {len(unexpected)} are unknown, e.g. "
-            f"{(wrong_shape + unexpected)[:3]}). Check model.backbone / model.backbone_size for this file."
+            f"Checkpoint {path} is in no format known for backbone {name} ({fit}). "
+            f"{_file_formats(path, family, file_keys)}"
         )
     model.load_state_dict(matched, strict=False)
+
+
+def _file_formats(path: Path, family: BackboneFamily, file_keys: List[str]) -> str:
+    """The family's known formats and what the file holds: its first keys, and the model_type of a transformers
+    ``config.json`` beside it."""
+    config = (path if path.is_dir() else path.parent) / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    return (f"Known formats: {'; '.join(family.formats)}. The file's first keys: {file_keys}"
+            + (f"; the config.json beside it says model_type '{model_type}'." if model_type else "."))
+
+
+def _architecture(model: nn.Module) -> str:
+    """timm's name of a model's architecture, for messages."""
+    return getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
 
 
 def get_vit_features(

@@ -5,12 +5,15 @@ code; backbone weights come from the internet and trained models from colleagues
 ``read_checkpoint`` loads with ``weights_only=True`` (tensors, containers, numbers, strings) plus the
 few plain objects that real checkpoints hold (``SAFE_GLOBALS``). Anything else is refused with an
 error naming the file, the object and how to opt in for a trusted file; the opt-in is logged.
+``.safetensors`` files (tensors only, by construction) are read with the ``safetensors`` package, also from
+the folder transformers' ``save_pretrained`` / ``hf download`` writes (``model.safetensors`` or its shards).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import pickle
 import re
@@ -19,6 +22,7 @@ from typing import Any, List, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file as load_safetensors
 
 _logger = logging.getLogger(__name__)
 
@@ -55,7 +59,17 @@ def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "
 
     ``opt_in`` tells the user how to trust the file (e.g. "set model.trust_checkpoint: true"). Raises
     ``UntrustedCheckpointError`` or ``CorruptCheckpointError`` with one-line messages naming the file.
+    A folder is read as transformers writes one; a safetensors file (told by its header, not its name) holds only
+    tensors, so ``trust`` and ``mmap`` do not apply to it.
     """
+    path = Path(path)
+    if path.is_dir():
+        return _read_transformers_folder(path)
+    if _is_safetensors(path):
+        try:
+            return load_safetensors(path, device="cpu")
+        except Exception as err:  # SafetensorError, or an OSError of the file system
+            raise _corrupt(path, err) from err
     if trust:
         _logger.warning("Loading %s as a full pickle (trusted by the user): it can run code.", path)
     try:
@@ -74,6 +88,37 @@ def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "
         raise CorruptCheckpointError(f"Cannot read checkpoint {path}: {err}") from err
     except Exception as err:  # unpickling garbage fails in any way (IndexError, KeyError, ...): all mean the same
         raise _corrupt(path, err) from err
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with the 8-byte little-endian length of a JSON header, then the header."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:
+        return False  # torch.load reports it, as for any file
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _read_transformers_folder(path: Path) -> dict:
+    """The weights of a folder written by ``save_pretrained`` / ``hf download``: one file or shards and their index."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return read_checkpoint(single)
+    if not index.is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise FileNotFoundError(
+            f"Checkpoint folder {path} holds no model.safetensors (nor model.safetensors.index.json); it holds "
+            f"{found or 'nothing'}. Give the folder transformers wrote (hf download / save_pretrained) or the "
+            f"weights file itself.")
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise _corrupt(index, err) from err
+    state_dict = {}
+    for shard in shards:
+        state_dict.update(read_checkpoint(path / shard))
+    return state_dict
 
 
 def _corrupt(path: Union[str, Path], err: Exception) -> CorruptCheckpointError:

@@ -66,7 +66,7 @@ class ModelSection:
     model_path: str = option("nnunetv2.model.model_dpt")  # a module with create_segmentation_model
     backbone: str = option("dinov3")  # a family of nnunetv2/model/backbone.py, checked there with its sizes
     backbone_size: str = option("large")
-    checkpoint_path: Optional[str] = option(None)  # local backbone weights file; "" = none
+    checkpoint_path: Optional[str] = option(None)  # local backbone weights file or transformers folder; "" = none
     pretrained: bool = option(True)  # download timm weights when there is no checkpoint_path
     trust_checkpoint: bool = option(False)  # load checkpoint_path as a full pickle (it can run code)
     # Input intensities: as in the backbone's pretraining (on a configuration nnUNetv2_plan_vit.py planned), as nnU-Net
@@ -238,7 +238,7 @@ def _check_model(model: ModelSection, source: str) -> None:
         model.checkpoint_path = None
     if model.checkpoint_path is not None:
         path = Path(model.checkpoint_path).expanduser()
-        if not path.is_file():
+        if not path.exists():  # a file, or the folder transformers writes (read by checkpoint_io)
             raise ConfigError(f"{source}: model.checkpoint_path '{model.checkpoint_path}' does not exist.")
         model.checkpoint_path = str(path.resolve())
     elif model.pretrained and family.pretrained_tag is None:
