@@ -1,0 +1,71 @@
+"""The README's configuration reference and the typed config cannot drift apart: every key of every section is
+documented, nothing documented is gone, and each documented default is the field's default."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Dict, List, Tuple
+
+import pytest
+import yaml
+
+from conftest import REPO
+from nnunetv2.vit.config import SECTIONS
+
+ROW = re.compile(r"^\| `(?P<key>[a-z_0-9]+)` \| (?P<default>[^|]*) \|")
+NO_VALUE_CELLS = ("(required)", "none", "plans'")  # a cell that names no YAML value: the field has none to show
+
+
+def reference_tables() -> Dict[str, List[Tuple[str, str]]]:
+    """Each section's (key, default cell) rows from README's "Configuration reference"."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    reference = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    tables: Dict[str, List[Tuple[str, str]]] = {}
+    section = None
+    for line in reference.splitlines():
+        heading = re.match(r"^### `(\w+)`", line)
+        if heading:
+            section = heading.group(1)
+            tables[section] = []
+        elif section and (row := ROW.match(line)):
+            tables[section].append((row["key"], row["default"].strip()))
+    return tables
+
+
+def documented_value(cell: str) -> Any:
+    """The YAML value of a default cell that starts with one in backticks (``3e-5`` read as the float it is)."""
+    literal = re.match(r"^`([^`]*)`", cell).group(1)
+    value = yaml.safe_load(literal)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def field_default(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def test_every_section_is_documented():
+    assert sorted(reference_tables()) == sorted(SECTIONS)
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_reference_lists_each_key_once_with_its_default(section):
+    rows = reference_tables()[section]
+    keys = [key for key, _ in rows]
+    fields = {field.name: field for field in dataclasses.fields(SECTIONS[section])}
+    assert len(keys) == len(set(keys)), f"a key of '{section}' is documented twice: {keys}"
+    assert set(keys) == set(fields), (f"README's '{section}' table and the config differ: undocumented "
+                                      f"{sorted(set(fields) - set(keys))}, documented but gone "
+                                      f"{sorted(set(keys) - set(fields))}")
+    for key, cell in rows:
+        default = field_default(fields[key])
+        if cell.startswith(NO_VALUE_CELLS):
+            assert default is None or key == "model_path", f"{section}.{key}: README shows no default, config has " \
+                                                            f"{default!r}"
+        else:
+            assert documented_value(cell) == default, f"{section}.{key}: README says {cell}, config has {default!r}"
