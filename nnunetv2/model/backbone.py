@@ -126,7 +126,7 @@ def dinov2_checkpoint_filter(state_dict: StateDict, model: nn.Module) -> StateDi
         state_dict = _concatenate(state_dict, ("attn.q", "attn.k", "attn.v"), "attn.qkv")
         state_dict = _concatenate(state_dict, ("mlp.gate_proj", "mlp.up_proj"), "mlp.w12")
     registers = {"register_tokens", "reg_token"} & set(state_dict)
-    if registers and not getattr(model, "num_reg_tokens", 0):
+    if registers and "pos_embed" in state_dict and not getattr(model, "num_reg_tokens", 0):  # DINOv3 has no pos_embed
         raise BackboneWeightsError(
             f"it is a DINOv2 with registers ({registers.pop()}), which timm's {_architecture(model)} is not: use a "
             f"DINOv2 checkpoint without registers (facebook/dinov2-{{small,base,large,giant}}, Meta's "
