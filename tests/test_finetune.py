@@ -226,3 +226,44 @@ def test_frozen_backbone_trainer_step(nnunet_env):
     one_step(trainer)
     assert trainer.optimizer.state and all(id(p) not in backbone for p in trainer.optimizer.state)
     assert all(p.grad is None for p in trainer.model.backbone.parameters())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_exported_backbone_loads_with_the_same_features(tmp_path, lora, capsys):
+    """nnUNetv2_export_backbone_vit.py writes a timm state dict that model.checkpoint_path loads back: the same
+    backbone features as the trained model's (LoRA merged in)."""
+    from nnunetv2.vit import export_backbone
+
+    config = validate_config({"model": TINY_MODEL, "lora": {"enabled": lora}})
+    model = build_model(config, 3, 3, load_weights=False).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()  # adapters that change the output (peft starts them at zero)
+    checkpoint = {"init_args": {"configuration": "2d", "plans": {"configurations": {"2d": {
+        "vit_config": config.to_dict()}}}}, "network_weights": model.state_dict()}
+    torch.save(checkpoint, tmp_path / "checkpoint_final.pth")
+    export_backbone.main([str(tmp_path / "checkpoint_final.pth"), str(tmp_path / "backbone.pth")])
+    assert "Wrote" in capsys.readouterr().out
+    loaded = validate_config({"model": {**TINY_MODEL, "checkpoint_path": str(tmp_path / "backbone.pth")}})
+    reloaded = build_model(loaded, 3, 3, load_weights=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for ours, theirs in zip(model.backbone_features(x, model.feature_indices),
+                                reloaded.backbone_features(x, reloaded.feature_indices)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_planner_gives_a_frozen_backbone_larger_batches(nnunet_env):
+    from nnunetv2.vit import plan as plan_cli
+
+    _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
+    many_cases = {**dataset_json, "numTraining": 10 ** 6}  # the 5% cap far away
+    planned = {}
+    for freeze in (False, True):
+        config = validate_config({"model": {**TINY_MODEL, "normalization": "backbone", "freeze_backbone": freeze}})
+        entry = plan_cli.plan_configuration(plans, many_cases, config, "2d_vit", "nnUNetPlans", 0.5)[
+            "configurations"]["2d_vit"]
+        planned[freeze] = entry
+        assert entry["vit_plan"]["memory_model"]["freeze_backbone"] is freeze
+    assert planned[True]["batch_size"] > 2 * planned[False]["batch_size"]
