@@ -39,6 +39,7 @@ CASE_IDS = [f"{variant}-{backbone}" for variant, backbone in CASES]
 FIXED_KEYWORDS = [
     "backbone_name", "backbone_size", "num_classes", "checkpoint_path", "freeze_backbone", "use_lora",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "pretrained", "in_channels", "trust_checkpoint",
+    "drop_path_rate",
 ]
 DECODER_KEYWORDS = {
     model_dpt: [
@@ -222,7 +223,7 @@ def test_factory_signature(module):
     assert defaults == {
         "checkpoint_path": None, "freeze_backbone": False, "use_lora": False, "lora_rank": 8, "lora_alpha": 16.0,
         "lora_dropout": 0.05, "lora_target_modules": None, "pretrained": True, "in_channels": 3,
-        "trust_checkpoint": False,
+        "trust_checkpoint": False, "drop_path_rate": 0.0,
     }
     with pytest.raises(TypeError):
         module.create_segmentation_model("dinov3", "small", num_classes=2, pretrained=False, not_an_option=1)
@@ -276,10 +277,19 @@ def test_decoder_options_are_applied():
 
 @pytest.mark.parametrize("variant,backbone", CASES, ids=CASE_IDS)
 def test_freeze_backbone(variant, backbone):
-    model = build(variant, backbone, freeze_backbone=True)
+    """Every decoder reads a frozen backbone without autograd: no saved activations, no gradients; every decoder
+    parameter still gets a gradient (DDP without find_unused_parameters)."""
+    model = build(variant, backbone, freeze_backbone=True).train()
     assert not any(p.requires_grad for p in model.backbone.parameters())
     decoder = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
     assert decoder and all(p.requires_grad for p in decoder)
+    saved, size = [], 4 * PATCH[backbone]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        features = model.backbone_features(torch.randn(2, 3, size, size), model.feature_indices)
+    assert not saved and all(f.grad_fn is None for f in features)
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in decoder)
 
 
 # ----------------------------------------------------------------------------------------- LoRA

@@ -235,17 +235,19 @@ def create_backbone(
     pretrained: bool = True,
     in_channels: int = 3,
     trust_checkpoint: bool = False,
+    drop_path_rate: float = 0.0,
 ) -> Tuple[nn.Module, int, str]:
     """Build a timm ViT backbone without classifier head and load its weights.
 
     Weights come from ``checkpoint_path`` if given (any family), else from timm's pretrained tag
     (dinov3, dinov2) when ``pretrained`` is true. ``trust_checkpoint`` loads that file as a full pickle
-    (it can run code; see ``checkpoint_io``). Returns ``(module, patch_size, timm_model_name)``.
+    (it can run code; see ``checkpoint_io``). ``drop_path_rate`` is timm's stochastic depth (rising linearly over
+    the blocks to this rate; active in training mode only). Returns ``(module, patch_size, timm_model_name)``.
     """
     family = get_family(model_name, model_size)
     timm_name = family.timm_name.format(size=model_size)
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-    kwargs = dict(num_classes=0, in_chans=in_channels, dynamic_img_size=True)
+    kwargs = dict(num_classes=0, in_chans=in_channels, dynamic_img_size=True, drop_path_rate=drop_path_rate)
 
     if checkpoint_path is not None:
         if not checkpoint_path.exists():

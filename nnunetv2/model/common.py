@@ -65,6 +65,7 @@ class ViTSegmentationModel(nn.Module):
         pretrained: bool = True,
         in_channels: int = 3,
         trust_checkpoint: bool = False,
+        drop_path_rate: float = 0.0,
         *,
         detail_path: bool = False,
         detail_channels: Optional[Sequence[int]] = None,
@@ -84,14 +85,25 @@ class ViTSegmentationModel(nn.Module):
         self.classifier: nn.Module  # set by the subclass's end_decoder
         self.backbone, self.patch_size, self.backbone_model_name = create_backbone(
             backbone_name, backbone_size, checkpoint_path=checkpoint_path, pretrained=pretrained,
-            in_channels=in_channels, trust_checkpoint=trust_checkpoint,
+            in_channels=in_channels, trust_checkpoint=trust_checkpoint, drop_path_rate=drop_path_rate,
         )
         self.embed_dim: int = self.backbone.embed_dim
         self.feature_indices: List[int] = feature_indices_for_depth(len(self.backbone.blocks))
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-        if use_lora:
+        if use_lora:  # peft freezes the backbone's own weights whether or not freeze_backbone is set
             self.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
+
+    @property
+    def backbone_trainable(self) -> bool:
+        """Whether any backbone parameter (its own or a LoRA adapter) is trained."""
+        return any(param.requires_grad for param in self.backbone.parameters())
+
+    def backbone_features(self, x: torch.Tensor, indices: Sequence[int], **kwargs):
+        """``get_vit_features`` of the backbone: every decoder reads it through here. A frozen backbone (no
+        trainable parameter) runs without autograd, so its activations are not kept for a backward pass."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
+            return get_vit_features(self.backbone, x, indices, **kwargs)
 
     def decode_features(self, x: torch.Tensor) -> torch.Tensor:
         """The decoder's last feature map (before its classifier) for the patch-aligned ``x``, on a grid aligned
@@ -298,7 +310,7 @@ class ViTPyramidHeadModel(ViTSegmentationModel):
         self.end_decoder(split_classifier(head), hidden_size, stride=self.patch_size / 4)
 
     def decode_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pyramid(get_vit_features(self.backbone, x, self.feature_indices)))
+        return self.head(self.pyramid(self.backbone_features(x, self.feature_indices)))
 
 
 def split_classifier(head: nn.Module) -> nn.Module:

@@ -10,7 +10,8 @@ The second part is counted, not estimated: the model is built on the meta device
 fake tensors (shapes and dtypes only, no memory, no compute), it runs a forward pass under the training
 precision, and every tensor autograd saves is added up, for two batch sizes. The difference gives the bytes per
 image, the rest the per-step part. This follows the model as configured: backbone size, decoder and its
-options, LoRA (frozen parameters), gradient checkpointing (recomputed blocks save nothing), precision.
+options, LoRA (frozen parameters), a frozen backbone (``freeze_backbone``: it runs without autograd, so it saves
+nothing and its parameters count 4 bytes each), gradient checkpointing (recomputed blocks save nothing), precision.
 
 Calibration, against peaks measured with ``torch.cuda.max_memory_allocated`` on an H200 (512x512 unless noted,
 batch 4, bf16, AdamW; ``benchmarks/memory_model.py`` prints the model's figures for these rows):

@@ -13,7 +13,6 @@ import torch.nn as nn
 from transformers import DPTConfig
 from transformers.models.dpt.modeling_dpt import DPTNeck, DPTSemanticSegmentationHead
 
-from nnunetv2.model.backbone import get_vit_features
 from nnunetv2.model.common import ViTSegmentationModel, make_factory
 
 READOUT_TYPES = ("project", "add", "ignore")
@@ -79,7 +78,7 @@ class DPTSegmentationModel(ViTSegmentationModel):
 
     def decode_features(self, x: torch.Tensor) -> torch.Tensor:
         grid_h, grid_w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        tokens, cls_tokens = get_vit_features(self.backbone, x, self.feature_indices, return_cls=True, output_fmt="NLC")
+        tokens, cls_tokens = self.backbone_features(x, self.feature_indices, return_cls=True, output_fmt="NLC")
         hidden_states: List[torch.Tensor] = [
             torch.cat([cls[:, None], patch_tokens], dim=1) for patch_tokens, cls in zip(tokens, cls_tokens)
         ]

@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd, PatchDecode
 
-from nnunetv2.model.backbone import get_vit_features
 from nnunetv2.model.common import ViTSegmentationModel, make_factory
 
 
@@ -39,8 +38,8 @@ class PrimusSegmentationModel(ViTSegmentationModel):
 
     def decode_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.multi_scale:
-            return self.fuse(torch.cat(get_vit_features(self.backbone, x, self.feature_indices), dim=1))
-        return get_vit_features(self.backbone, x, self.feature_indices[-1:])[0]
+            return self.fuse(torch.cat(self.backbone_features(x, self.feature_indices), dim=1))
+        return self.backbone_features(x, self.feature_indices[-1:])[0]
 
 
 class PatchDecode2d(PatchDecode):

@@ -41,6 +41,9 @@ MODEL_PACKAGE = "nnunetv2.model"
 NORMALIZATIONS = ("auto", "backbone", "zscore")
 # Configs stored before model.normalization existed trained on nnU-Net's z-scored data: they keep that meaning.
 STORED_BEFORE_NORMALIZATION = {"normalization": "zscore"}
+# Configs stored before the parameter-group keys existed decayed every parameter: a resume (--c) keeps that, and the
+# optimizer's one parameter group.
+STORED_BEFORE_PARAMETER_GROUPS = {"decay_norms_and_biases": True}
 
 
 def builtin_model_modules() -> List[str]:
@@ -73,6 +76,9 @@ class ModelSection:
     # normalizes for its U-Net (zscore: '2d' and its data), or auto: whichever the configuration trained on was planned
     # for. A trained model stores the one it used.
     normalization: str = option("auto", choices=NORMALIZATIONS)
+    # No gradients, no optimizer state and no saved activations for the backbone (with LoRA: only the adapters train).
+    freeze_backbone: bool = option(False)
+    drop_path_rate: float = option(0.0, non_negative=True)  # stochastic depth over the backbone's blocks (timm's)
     decoder: Dict[str, Any] = option(factory=dict)  # checked against the factory's keyword-only parameters
 
 
@@ -99,6 +105,12 @@ class TrainSection:
     num_val_iterations_per_epoch: int = option(50, positive=True)
     optimizer: str = option("sgd", choices=("sgd", "adamw"))
     warmup_epochs: int = option(0, non_negative=True)
+    # Parameter groups (timm's): the backbone's peak lr is initial_lr x backbone_lr_scale, times layer_decay per block
+    # from its last block down to the patch embedding (1.0: off); decoder and detail path get initial_lr.
+    backbone_lr_scale: float = option(1.0, positive=True)
+    layer_decay: float = option(1.0, positive=True)
+    # false: no weight decay on norms, biases, position embeddings and class/register tokens (timm's rule).
+    decay_norms_and_biases: bool = option(False)
     precision: str = option("auto", choices=("auto", "fp32", "fp16", "bf16"))
     compile: str = option("auto", choices=("auto", "true", "false"))
     gradient_checkpointing: bool = option(False)
@@ -122,9 +134,11 @@ class ViTConfig:
     @classmethod
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
         """A config stored with a trained model (validated when its training started); keys added since then take
-        their defaults, except ``model.normalization`` (see ``STORED_BEFORE_NORMALIZATION``). Not validated
-        again: its backbone file need not exist where the model is used."""
-        stored = {**stored, "model": {**STORED_BEFORE_NORMALIZATION, **stored.get("model", {})}}
+        their defaults, except ``model.normalization`` and ``train.decay_norms_and_biases`` (see
+        ``STORED_BEFORE_NORMALIZATION``, ``STORED_BEFORE_PARAMETER_GROUPS``). Not validated again: its backbone file
+        need not exist where the model is used."""
+        stored = {**stored, "model": {**STORED_BEFORE_NORMALIZATION, **stored.get("model", {})},
+                  "train": {**STORED_BEFORE_PARAMETER_GROUPS, **stored.get("train", {})}}
         return cls(**{name: section(**{f.name: stored.get(name, {})[f.name] for f in dataclasses.fields(section)
                                        if f.name in stored.get(name, {})})
                       for name, section in SECTIONS.items()})
@@ -367,6 +381,8 @@ def model_kwargs(config: ViTConfig, in_channels: int, num_classes: int, load_wei
         pretrained=model.pretrained and load_weights,
         trust_checkpoint=model.trust_checkpoint and load_weights,
         in_channels=in_channels,
+        freeze_backbone=model.freeze_backbone,
+        drop_path_rate=model.drop_path_rate,
         use_lora=lora.enabled,
         lora_rank=lora.r,
         lora_alpha=lora.lora_alpha,

@@ -161,7 +161,7 @@ def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name:
                  f"batch holds at least {minimum}: {batch_size} (modelled peak {peak:.2f} GB)")
     if by_memory < minimum:
         batch_why += (f". Batch {minimum} exceeds the target: set train.gradient_checkpointing: true, enable LoRA or "
-                      f"use a smaller model.backbone_size")
+                      f"model.freeze_backbone, or use a smaller model.backbone_size")
 
     entry: dict = {"inherits_from": BASE, "patch_size": patch_size, "batch_size": batch_size}
     record = {
@@ -174,7 +174,8 @@ def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name:
         "memory_model": {"fixed_bytes": memory.fixed_bytes, "per_image_bytes": memory.per_image_bytes,
                          "target_gb": gpu_memory_target_gb, "precision": planned_precision(config),
                          "optimizer": config.train.optimizer,
-                         "gradient_checkpointing": config.train.gradient_checkpointing},
+                         "gradient_checkpointing": config.train.gradient_checkpointing,
+                         "freeze_backbone": config.model.freeze_backbone, "lora": config.lora.enabled},
     }
     if planned_normalization(config) == "backbone":
         parameters, record["normalization"] = backbone_normalization(plans, config, num_channels)

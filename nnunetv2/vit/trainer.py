@@ -11,7 +11,7 @@ import errno
 import os
 import shutil
 import time
-from typing import List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -28,26 +28,95 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2.vit.compiling import CompileLog
-from nnunetv2.vit.config import build_model
+from nnunetv2.model.common import ViTSegmentationModel
+from nnunetv2.vit.config import TrainSection, build_model
 from nnunetv2.vit.errors import CheckpointWriteError, ConfigError, NonFiniteTrainingError
 from nnunetv2.vit.stored import (
     network_weights, read_training_checkpoint, require_same_model, required_config, stored_config,
 )
 
+# timm's ViT/Eva group_matcher puts cls_token, pos_embed and patch_embed in the stem (layer 0), not reg_token.
+STEM_EXTRA = ("reg_token",)
+# timm's no_weight_decay() names cls_token and pos_embed; the register tokens are 3-D, so the 1-D rule misses them.
+NO_WEIGHT_DECAY_EXTRA = ("reg_token",)
+
+
+def parameter_groups(model: ViTSegmentationModel, train: TrainSection) -> List[dict]:
+    """The optimizer's parameter groups, each with a ``name``, its ``lr_scale`` (peak lr = initial_lr x lr_scale)
+    and ``weight_decay``; trainable parameters only, the decoder's groups first (upstream logs group 0's lr).
+
+    Layer-wise decay as BEiT and RETFound (``lr_decay.py``) do it: with ``d`` blocks, the stem (patch embedding,
+    class/register tokens, position embedding) is layer 0, block ``i`` layer ``i + 1`` (timm's ``group_matcher``,
+    which adds the final norm to the last block), the decoder layer ``d + 1``; a backbone layer's scale is
+    ``backbone_lr_scale * layer_decay ** (d + 1 - layer)``, the decoder's and detail path's 1. LoRA adapters are in
+    their block's layer. Not timm's ``param_groups_layer_decay``: it counts layers up to the highest id it finds, so
+    the unmatched reg_token (dinov3) becomes a top layer of its own and shifts every scale by one power, and the last
+    block gets scale 1 where BEiT gives it ``layer_decay``. Weight decay as timm's ``param_groups_weight_decay``
+    (unless ``decay_norms_and_biases``): none on 1-D parameters (norms, biases, layer scales), ``no_weight_decay()``
+    (position embedding, class token) and register tokens. Groups with the same rate and decay are merged, so a
+    config without these options trains with one or two groups."""
+    from timm.models import group_parameters
+
+    vit = model.vit
+    depth = len(vit.blocks)
+    layer_of = group_parameters(vit, vit.group_matcher(coarse=False), reverse=True)
+    no_decay = set(getattr(vit, "no_weight_decay", set)()) | set(NO_WEIGHT_DECAY_EXTRA)
+    backbone_names = {id(param): name for name, param in vit.named_parameters()}
+
+    merged: Dict[tuple, dict] = {}
+    # The decoder's parameters first: named_parameters lists the backbone first, so take them in two passes.
+    ordered = [(n, p) for n, p in model.named_parameters() if id(p) not in backbone_names]
+    ordered += [(backbone_names[id(p)], p) for p in vit.parameters()]
+    for name, param in ordered:
+        if not param.requires_grad:
+            continue
+        if id(param) in backbone_names:
+            layer = 0 if name in STEM_EXTRA else layer_of.get(name, depth)
+            part = "backbone" if train.layer_decay == 1 else f"backbone layer {layer}"
+            scale = train.backbone_lr_scale * train.layer_decay ** (depth + 1 - layer)
+            decayed = train.decay_norms_and_biases or not (param.ndim <= 1 or name in no_decay)
+        else:
+            part, scale = "decoder", 1.0
+            decayed = train.decay_norms_and_biases or not (param.ndim <= 1 or name.endswith(".bias"))
+        weight_decay = train.weight_decay if decayed else 0.0
+        group = merged.setdefault((scale, weight_decay), {"name": part, "params": [], "lr_scale": scale,
+                                                          "weight_decay": weight_decay})
+        if part not in group["name"].split(" + "):
+            group["name"] += f" + {part}"
+        group["params"].append(param)
+    return list(merged.values())
+
+
+def describe_parameter_groups(optimizer: torch.optim.Optimizer, initial_lr: float) -> str:
+    """One line per parameter group: its parameters, peak learning rate and weight decay."""
+    lines = [f"{len(optimizer.param_groups)} parameter groups (peak lr = initial_lr {initial_lr:g} x lr_scale):"]
+    for i, group in enumerate(optimizer.param_groups):
+        count = sum(p.numel() for p in group["params"])
+        lines.append(f"  group {i} ({group.get('name', 'all')}): {count:,} parameters, peak lr "
+                     f"{initial_lr * group.get('lr_scale', 1.0):.3g}, weight decay {group['weight_decay']:g}")
+    return "\n".join(lines)
+
+
 class WarmupPolyLRScheduler:
-    """Linear warm-up to ``initial_lr`` for ``warmup_steps`` epochs, then nnU-Net's poly decay."""
+    """Linear warm-up to the peak for ``warmup_steps`` epochs, then nnU-Net's poly decay: upstream's schedulers
+    give the factor (they set one lr for every group), and each group gets it times its own ``lr_scale``, kept in
+    the optimizer's groups so a resumed optimizer (``--c``) brings its peaks back."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int, warmup_steps: int) -> None:
+        self.optimizer = optimizer
         self.warmup = Lin_incr_LRScheduler(optimizer, initial_lr, warmup_steps) if warmup_steps else None
         self.decay = (
             PolyLRScheduler_offset(optimizer, initial_lr, max_steps, warmup_steps)
             if warmup_steps
             else PolyLRScheduler(optimizer, initial_lr, max_steps)
         )
+        self.step(0)
 
     def step(self, current_step: int) -> None:
         in_warmup = self.warmup is not None and current_step < self.warmup.max_steps
         (self.warmup if in_warmup else self.decay).step(current_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
 
 
 class nnUNetTrainer_vit(nnUNetTrainer):
@@ -184,14 +253,16 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return self.device.type in ("cuda", "cpu")
 
     def configure_optimizers(self):
+        """AdamW or upstream's SGD over ``parameter_groups`` (frozen parameters get no state), and the schedule."""
         train = self.vit_config.train
-        params = [p for p in self.network.parameters() if p.requires_grad]
+        groups = parameter_groups(self.model, train)
+        params = [p for group in groups for p in group["params"]]
         fused = self.fused_optimizer
         if train.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(params, self.initial_lr, weight_decay=self.weight_decay,
+            optimizer = torch.optim.AdamW(groups, self.initial_lr, weight_decay=self.weight_decay,
                                           betas=(0.9, 0.98), fused=fused)
         else:
-            optimizer = torch.optim.SGD(params, self.initial_lr, weight_decay=self.weight_decay,
+            optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay,
                                         momentum=0.99, nesterov=True, fused=fused)
             # torch's fused SGD allocates its momentum buffers uninitialised (empty_like) in its first step and
             # leaves them so if that step is skipped (found_inf): start them at zero, where a first step's
@@ -199,6 +270,17 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             for param in params:
                 optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train.warmup_epochs)
+
+    def _load_optimizer_state(self, state: dict, name: str) -> None:
+        """The checkpoint's optimizer state, its parameter groups (peak lr scales, weight decay) included."""
+        saved, built = [len(g["params"]) for g in state["param_groups"]], [len(g["params"]) for g in
+                                                                             self.optimizer.param_groups]
+        if saved != built:
+            raise ConfigError(
+                f"{name} was trained with other parameter groups (parameters per group {saved}, this config makes "
+                f"{built}): train.backbone_lr_scale, layer_decay or decay_norms_and_biases changed. Resume with the "
+                f"train section it started with.")
+        self.optimizer.load_state_dict(state)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """ViT models have a single output; nothing to switch."""
@@ -210,7 +292,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         if compiled == "off" and self.vit_config.train.compile == "true":
             compiled += f" (train.compile: true applies to CUDA and CPU; this is {self.device.type})"
         self.print_to_log_file(f"precision: {self.precision}, torch.compile: {compiled}\n"
-                               f"{self.model.parameter_summary(detailed=True)}")
+                               f"{self.model.parameter_summary(detailed=True)}\n"
+                               f"{describe_parameter_groups(self.optimizer, self.initial_lr)}")
         if self.precision == "fp16" and self.device.type == "cpu":
             self.print_to_log_file("WARNING: fp16 on CPU is very slow (PyTorch's CPU fp16 convolution backward is "
                                    "not optimised); use train.precision bf16 or fp32 there.")
@@ -383,7 +466,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get(
             "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
-        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        self._load_optimizer_state(checkpoint["optimizer_state"], name)
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 

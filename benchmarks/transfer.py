@@ -1,0 +1,345 @@
+"""Transfer benchmark: does a backbone pretrained with this project help on a different, small dataset?
+
+1. Source task: the demo's colour-fundus data (``nnunetv2/vit/demo_data.py``, 24 training images, drawn at
+   128x128). A ViT-S/16 DINOv3-architecture DPT (random init: no model hub here) trains on it for
+   ``SOURCE_BUDGET`` (twice the target rows' budget).
+2. Its backbone is exported as a timm state dict with ``nnUNetv2_export_backbone_vit.py`` (the file a user brings
+   as ``model.checkpoint_path``).
+3. Target task: a different synthetic family (``make_target_case``): grey angiogram-like images, BRIGHT vessels on
+   a dark background (the source's are dark on orange), 1.6x wider, no optic-disc label, 128x128; 8 labelled
+   cases (fold 0 trains on 6, validates on 2) and 8 held-out test cases.
+4. Every row trains on the target with one budget (``TARGET_BUDGET``, batch 2) and predicts the test split:
+   - ``random``: the same DPT from random weights;
+   - ``full``: pretrained, every parameter at the same learning rate;
+   - ``layer_decay``: pretrained, backbone lr 0.1 x (Depth-Anything-V2) and layer decay 0.65 (RETFound);
+   - ``frozen``: pretrained, ``model.freeze_backbone: true`` (DINOv3's evaluation regime);
+   - ``lora``: pretrained + LoRA r8 on qkv;
+   - ``unet``: upstream's ``nnUNetTrainer`` and 2D U-Net, the same data and budget.
+   The ViT rows use the DPT without the detail path (its convolutions on the full-resolution image would carry
+   much of the result, whatever the backbone), AdamW 1e-3 with 1 warm-up epoch (the demo's settings). Rows are
+   trained as ``nnUNetv2_train_vit.py`` trains them but without the final validation of fold 0 (the U-Net row
+   likewise), and the test split is predicted in this process: worker start-ups cost minutes on a busy CPU.
+
+Printed per row: test vessel Dice (mean and per case), trainable parameters, training time.
+
+    .venv/bin/python benchmarks/transfer.py          # all rows (timing: benchmarks/RESULTS.md)
+    .venv/bin/python benchmarks/transfer.py --rows random frozen --markdown table.md
+
+Data, preprocessing and the exported backbone live in ``--workdir`` (default ``benchmarks/results/transfer``)
+and are reused; each run trains into a results folder of its own there. The table is written as JSON after every
+row, so a killed run keeps its finished rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+SOURCE_ID, SOURCE_NAME = 996, "TransferSource"
+TARGET_ID, TARGET_NAME = 997, "TransferTarget"
+VESSEL = 1
+# The source runs 3x the demo's budget; every target row the demo's (10 x 20 iterations, batch 2).
+SOURCE_BUDGET = {"num_epochs": 20, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2}
+TARGET_BUDGET = {"num_epochs": 10, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2}
+BATCH_SIZE = 2
+SOURCE_SIZE, TARGET_SIZE, TARGET_TRAIN, TARGET_TEST = 128, 128, 8, 8
+SMOKE = {"source_epochs": 2, "target_epochs": 2, "iterations": 2, "size": 64, "train": 5, "test": 2}
+
+# The demo's DPT (nnunetv2/configs/dpt_demo.yaml) without the detail path.
+BASE_CONFIG = {
+    "model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
+              "pretrained": False, "decoder": {"fusion_hidden_size": 64, "neck_hidden_sizes": [48, 96, 192, 384],
+                                               "readout_type": "project"}},
+    "train": {"optimizer": "adamw", "initial_lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1, "gradient_clip": 1.0,
+              "batch_size": BATCH_SIZE},
+}
+# What each pretrained row changes; {backbone} is the exported file.
+ROWS: Dict[str, dict] = {
+    "random": {},
+    "full": {"model": {"checkpoint_path": "{backbone}"}},
+    "layer_decay": {"model": {"checkpoint_path": "{backbone}"},
+                    "train": {"backbone_lr_scale": 0.1, "layer_decay": 0.65}},
+    "frozen": {"model": {"checkpoint_path": "{backbone}", "freeze_backbone": True}},
+    "lora": {"model": {"checkpoint_path": "{backbone}"}, "lora": {"enabled": True, "r": 8, "target_modules": ["qkv"]}},
+    "unet": {},
+}
+
+
+@dataclass
+class Row:
+    name: str
+    trainable: int = 0
+    train_s: float = float("nan")
+    vessel: Dict[str, float] = field(default_factory=dict)  # per test case
+    error: str = ""
+
+    def mean(self) -> float:
+        return float(np.nanmean(list(self.vessel.values()))) if self.vessel else float("nan")
+
+
+def make_target_case(rng: np.random.Generator, size: int) -> tuple:
+    """A grey angiogram-like image (RGB, R = G = B) and its vessel label (1 = vessel): the demo's vessel trees
+    1.6x wider, drawn bright on a dark, unevenly lit field of view, with a faint unlabelled bright disc."""
+    from nnunetv2.vit.demo_data import _blur121, _grow_vessels, _rasterise, _smooth_field
+
+    c = (size - 1) / 2.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    fov_r = size * rng.uniform(0.455, 0.485)
+    rr = np.hypot(xx - c, yy - c) / fov_r
+    fov = rr <= 1.0
+    side = 1 if rng.random() < 0.5 else -1
+    disc_ry = fov_r * rng.uniform(0.13, 0.16)
+    disc_rx = disc_ry * rng.uniform(0.8, 0.95)
+    disc_x, disc_y = c + side * fov_r * rng.uniform(0.33, 0.42), c + fov_r * rng.uniform(-0.1, 0.1)
+    mac_x, mac_y = disc_x - side * fov_r * rng.uniform(0.66, 0.76), disc_y + fov_r * rng.uniform(0.0, 0.08)
+    mac_sigma = fov_r * rng.uniform(0.1, 0.14)
+
+    img = rng.uniform(0.12, 0.2) * (1.0 - rng.uniform(0.3, 0.5) * rr ** 2) + 0.08 * _smooth_field(rng, size, 12)
+    ell = np.hypot((xx - disc_x) / disc_rx, (yy - disc_y) / disc_ry)
+    img += rng.uniform(0.15, 0.25) * np.clip(1.2 - ell, 0.0, 1.0)
+    segs = _grow_vessels(rng, size, c, fov_r, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, 0.7 * mac_sigma),
+                         side)
+    segs[:, 4:6] *= 1.6
+    cov, mask = _rasterise(segs, size)
+    vessels = _blur121(np.maximum(cov[0], cov[1]))
+    img += vessels * rng.uniform(0.2, 0.3) * (1.0 + 0.3 * _smooth_field(rng, size, 4))
+    img += rng.normal(0.0, 0.05, size=img.shape)
+    grey = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+    grey[~fov] = 0
+    label = (mask & fov).astype(np.uint8) * VESSEL
+    return np.repeat(grey[..., None], 3, axis=2), label
+
+
+def write_target_dataset(raw_root: Path, size: int, num_train: int, num_test: int) -> Path:
+    """The target dataset in nnU-Net's raw format (written once; reused when complete)."""
+    from PIL import Image
+
+    folder = raw_root / f"Dataset{TARGET_ID:03d}_{TARGET_NAME}"
+    record = {"size": size, "num_train": num_train, "num_test": num_test}
+    written = folder / "dataset.json"
+    if written.is_file() and json.loads(written.read_text()).get("record") == record:
+        return folder
+    for split, count, offset in (("Tr", num_train, 0), ("Ts", num_test, 1000)):
+        (folder / f"images{split}").mkdir(parents=True, exist_ok=True)
+        (folder / f"labels{split}").mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            image, label = make_target_case(np.random.default_rng([7, offset + index]), size)
+            case = f"angio_{split.lower()}{index:03d}"
+            Image.fromarray(image).save(folder / f"images{split}" / f"{case}_0000.png")
+            Image.fromarray(label).save(folder / f"labels{split}" / f"{case}.png")
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "vessel": VESSEL},
+        "numTraining": num_train, "file_ending": ".png", "name": TARGET_NAME, "record": record,
+        "description": "Synthetic grey angiogram-like images with bright vessels (benchmarks/transfer.py)."},
+        indent=1))
+    return folder
+
+
+def write_config(config: dict, path: Path) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def merged(base: dict, override: dict) -> dict:
+    out = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+    for section, values in override.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def train_vit(dataset_id: int, configuration: str, config: Path, device: str) -> Path:
+    """``nnUNetv2_plan_vit.py``, then fold 0 trained as ``nnUNetv2_train_vit.py`` trains it, without the final
+    validation (the test split is scored instead; the U-Net row skips it alike); returns the fold folder."""
+    import torch
+
+    from nnunetv2.vit import plan as plan_cli
+    from nnunetv2.vit.config import load_config
+    from nnunetv2.vit.stored import add_vit_config
+    from nnunetv2.vit.train import load_plans
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+    plan_cli.run(plan_cli.build_parser().parse_args([str(dataset_id), "--config", str(config), "-c", configuration,
+                                                     "-np", os.environ["nnUNet_def_n_proc"]]))
+    _, plans, dataset_json = load_plans(str(dataset_id), "nnUNetPlans", configuration)
+    add_vit_config(plans, configuration, load_config(config))
+    plans["continue_training"] = False
+    trainer = nnUNetTrainer_vit(plans, configuration, 0, dataset_json, torch.device(device))
+    trainer.run_training()
+    return Path(trainer.output_folder)
+
+
+def train_unet(budget: dict, device: str) -> Path:
+    """Upstream's trainer and 2D U-Net with only the budget changed (as benchmarks/quality.py)."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    class nnUNetTrainer_budget(nnUNetTrainer):
+        # Upstream records its __init__ arguments by name, so the signature is spelled out.
+        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                     device: torch.device = torch.device("cuda")) -> None:
+            super().__init__(plans, configuration, fold, dataset_json, device)
+            self.num_epochs = budget["num_epochs"]
+            self.num_iterations_per_epoch = budget["num_iterations_per_epoch"]
+            self.num_val_iterations_per_epoch = budget["num_val_iterations_per_epoch"]
+
+    folder = Path(nnUNet_preprocessed) / f"Dataset{TARGET_ID:03d}_{TARGET_NAME}"
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    plans["configurations"]["2d"]["batch_size"] = BATCH_SIZE
+    trainer = nnUNetTrainer_budget(plans, "2d", 0, load_json(str(folder / "dataset.json")), torch.device(device))
+    trainer.run_training()
+    return Path(trainer.output_folder)
+
+
+def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row) -> None:
+    """Predict the test split with the final checkpoint; fill the row's Dice and trainable parameter count."""
+    import torch
+    from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
+    from PIL import Image
+
+    from nnunetv2.vit.demo import dice
+    from nnunetv2.vit.predict import predictor_from_trained_model
+
+    predictor = predictor_from_trained_model(fold_folder.parent, folds=(0,), device=torch.device(device),
+                                             trainer_class=trainer_class)
+    row.trainable = sum(p.numel() for p in predictor.network.parameters() if p.requires_grad)
+    out.mkdir(parents=True, exist_ok=True)
+    for label_file in sorted((dataset / "labelsTs").glob("*.png")):  # in this process: no worker start-up costs
+        image, properties = NaturalImage2DIO().read_images([str(dataset / "imagesTs" / f"{label_file.stem}_0000.png")])
+        prediction = predictor.predict_single_npy_array(image, properties)[0].astype(np.uint8)
+        Image.fromarray(prediction).save(out / label_file.name)
+        row.vessel[label_file.stem] = dice(np.asarray(Image.open(label_file)), prediction, VESSEL)
+
+
+def table(rows: List[Row]) -> str:
+    lines = ["| row | test vessel Dice | trainable params (M) | train s | Dice per test case |",
+             "|---|---:|---:|---:|---|"]
+    for row in rows:
+        if row.error:
+            lines.append(f"| {row.name} | | | | failed: {row.error} |")
+            continue
+        cases = " ".join(f"{v:.3f}" for v in row.vessel.values())
+        lines.append(f"| {row.name} | {row.mean():.3f} | {row.trainable / 1e6:.2f} | {row.train_s:.0f} | {cases} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--workdir", default=str(REPO_ROOT / "benchmarks" / "results" / "transfer"),
+                        help="data, preprocessing, the exported backbone and results go here (reused between runs)")
+    parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smallest setting (64x64 images, 1 epoch of 2 iterations): checks that it runs")
+    args = parser.parse_args(argv)
+    started_all = time.monotonic()
+
+    source_budget, target_budget = dict(SOURCE_BUDGET), dict(TARGET_BUDGET)
+    size, num_train, num_test, source_size = TARGET_SIZE, TARGET_TRAIN, TARGET_TEST, SOURCE_SIZE
+    if args.smoke:
+        source_budget = {"num_epochs": SMOKE["source_epochs"], "num_iterations_per_epoch": SMOKE["iterations"],
+                         "num_val_iterations_per_epoch": 1}
+        target_budget = dict(source_budget, num_epochs=SMOKE["target_epochs"])
+        size = source_size = SMOKE["size"]
+        num_train, num_test = SMOKE["train"], SMOKE["test"]
+    workdir = Path(args.workdir).resolve()
+    run_dir = workdir / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for var, path in (("nnUNet_raw", workdir / "nnUNet_raw"), ("nnUNet_preprocessed", workdir / "nnUNet_preprocessed"),
+                      ("nnUNet_results", run_dir / "nnUNet_results")):
+        os.environ[var] = str(path)
+        path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+
+    import torch
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2.vit.cli import get_device
+    from nnunetv2.vit.demo import plan
+    from nnunetv2.vit.demo_data import write_demo_dataset
+    from nnunetv2.vit.export_backbone import export_backbone
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    get_device(device)
+    preprocessed = workdir / "nnUNet_preprocessed"
+    pretrained_rows = [name for name in args.rows if "checkpoint_path" in ROWS[name].get("model", {})]
+
+    backbone = workdir / f"source_backbone{'_smoke' if args.smoke else ''}.pth"
+    if pretrained_rows and not backbone.is_file():
+        print(f"\n=== source: pretraining on the demo fundus data ({source_budget})", flush=True)
+        source = write_demo_dataset(workdir / "nnUNet_raw", SOURCE_ID, SOURCE_NAME, num_train=24 if not args.smoke
+                                    else num_train, num_test=0, size=source_size)
+        plan(SOURCE_ID, preprocessed, source.name)
+        config = write_config(merged(BASE_CONFIG, {"train": source_budget}), run_dir / "configs" / "source.yaml")
+        started = time.monotonic()
+        fold = train_vit(SOURCE_ID, "2d_source", config, device)
+        print(f"=== source: trained in {time.monotonic() - started:.0f} s", flush=True)
+        export_backbone(fold / "checkpoint_final.pth", backbone)
+        print(f"=== source: backbone exported to {backbone}", flush=True)
+
+    dataset = write_target_dataset(workdir / "nnUNet_raw", size, num_train, num_test)
+    plan(TARGET_ID, preprocessed, dataset.name)
+    if "unet" in args.rows and not (preprocessed / dataset.name / "nnUNetPlans_2d").is_dir():
+        preprocess([TARGET_ID], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
+
+    rows: List[Row] = []
+    out_json = run_dir / "transfer.json"
+    for name in args.rows:
+        row = Row(name)
+        print(f"\n=== {name}: training on the target data", flush=True)
+        started = time.monotonic()
+        try:
+            if name == "unet":
+                fold = train_unet(target_budget, device)
+            else:
+                override = json.loads(json.dumps(ROWS[name]).replace("{backbone}", str(backbone)))
+                config = write_config(merged(merged(BASE_CONFIG, override), {"train": target_budget}),
+                                      run_dir / "configs" / f"{name}.yaml")
+                fold = train_vit(TARGET_ID, f"2d_{name}", config, device)
+            row.train_s = time.monotonic() - started
+            predict_and_score(nnUNetTrainer if name == "unet" else nnUNetTrainer_vit, fold, dataset,
+                              run_dir / "predictions" / name, device, row)
+        except Exception as err:  # one failing row must not lose the others
+            row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        rows.append(row)
+        print(f"=== {name}: test vessel Dice {row.mean():.3f}, {row.trainable:,} trainable parameters, "
+              f"{row.train_s:.0f} s{' ' + row.error if row.error else ''}", flush=True)
+        out_json.write_text(json.dumps({"device": device, "source_budget": source_budget,
+                                        "target_budget": target_budget, "batch_size": BATCH_SIZE,
+                                        "total_s": round(time.monotonic() - started_all),
+                                        "rows": [asdict(r) for r in rows]}, indent=1))
+        if args.markdown:
+            Path(args.markdown).write_text(table(rows) + "\n")
+    print("\n" + table(rows))
+    print(f"\nresults: {out_json} ({time.monotonic() - started_all:.0f} s in all)")
+    if any(math.isnan(row.mean()) or row.error for row in rows):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    # As nnUNetv2_train: one thread per data-augmentation worker, or they oversubscribe the CPU.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = "1"
+    main()
