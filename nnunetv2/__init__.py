@@ -24,3 +24,8 @@ if _upstream is not None:
     from nnunetv2.vit.normalization import register_with_upstream
 
     register_with_upstream()
+
+# A worker spawned by one of this repository's commands ends with it (see nnunetv2/vit/lifetime.py).
+from nnunetv2.vit.lifetime import end_with_the_process_that_spawned_this  # noqa: E402
+
+end_with_the_process_that_spawned_this()

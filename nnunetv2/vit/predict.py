@@ -26,6 +26,7 @@ from torch._dynamo import OptimizedModule
 from nnunetv2.vit.cli import dataset_name, run_main
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.lifetime import end_workers_with_this_process
 
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
 TRUST_FLAG = "--trust_checkpoint"
@@ -188,6 +189,7 @@ def check_input_images(folder: Path, dataset_json: dict, reader) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    end_workers_with_this_process()  # upstream's preprocessing and export workers, its Manager's server
     if "-tr" not in argv:
         argv = ["-tr", DEFAULT_TRAINER, *argv]
     # Ours, not upstream's: load the checkpoints as full pickles (they can run code) for a model one trusts.
