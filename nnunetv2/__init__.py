@@ -4,6 +4,10 @@ The upstream distribution's directory comes first in ``__path__`` so ``nnunetv2.
 ``nnunetv2.inference`` etc. resolve to upstream, and upstream's own class discovery through
 ``nnunetv2.__path__[0]`` keeps working. This repository adds subpackages upstream does not have
 (``model``, ``vit``, ``configs``). Nothing is installed over upstream's files.
+
+In this repository's environment every Python imports this package as ``nnunetv2`` (``uv sync`` installs
+``install/nnunet_vit.pth``), upstream's own commands and their workers included: importing it registers this
+repository's normalization scheme and trainer with upstream.
 """
 
 import importlib.metadata
@@ -24,3 +28,14 @@ if _upstream is not None:
     from nnunetv2.vit.normalization import register_with_upstream
 
     register_with_upstream()
+    # Upstream finds trainers outside its own folder in the folders nnUNet_extTrainer lists: list the one of
+    # nnUNetTrainer_vit (after the user's own), so that upstream's commands (nnUNetv2_predict, ...) find it.
+    _trainers = os.path.join(os.path.dirname(__file__), "vit", "ext_trainers")
+    _listed = [entry for entry in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if entry]
+    if _trainers not in _listed:
+        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*_listed, _trainers])
+
+# A worker spawned by one of this repository's commands ends with it (see nnunetv2/vit/lifetime.py).
+from nnunetv2.vit.lifetime import end_with_the_process_that_spawned_this  # noqa: E402
+
+end_with_the_process_that_spawned_this()

@@ -182,7 +182,6 @@ def test_a_config_inherits_another_and_lists_only_what_differs(tmp_path):
 
 @pytest.mark.parametrize("files,expected", [
     ({"a.yaml": "inherits: b.yaml\n", "b.yaml": "inherits: a.yaml\n"}, "makes a cycle"),
-    ({"a.yaml": "inherits: nowhere.yaml\n"}, "Config file not found: nowhere.yaml"),
     ({"a.yaml": "inherits: [b.yaml]\n"}, "'inherits' must name a config file"),
     ({"a.yaml": "model:\n  backbone_size: small\n  backbone_size: large\n"},
      "a.yaml: key 'backbone_size' is given twice, on lines 2 and 3; keep one"),
@@ -192,6 +191,23 @@ def test_inheritance_and_duplicate_keys_are_checked(tmp_path, files, expected):
         (tmp_path / name).write_text(text)
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_missing_inherited_file_names_the_referring_file_and_the_folders_searched(tmp_path):
+    from nnunetv2.vit.config import CONFIG_DIR
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.yaml").write_text("inherits: does_not_exist.yaml\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(tmp_path / "sub" / "a.yaml")
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'sub' / 'a.yaml'}: 'inherits: does_not_exist.yaml': Config file not found")
+    assert f"(looked in {tmp_path / 'sub'} and the built-in configs folder {CONFIG_DIR})" in message
+    assert "Built-in configs: " in message and "dpt_lora" in message and "\n" not in message
+
+    (tmp_path / "b.yaml").write_text("inherits: sub/missing.yaml\n")  # a path: not a built-in name
+    with pytest.raises(ConfigError, match=re.escape(f"(looked in {tmp_path / 'sub'}). Built-in configs")):
+        load_config(tmp_path / "b.yaml")
 
 
 def test_unreadable_config_files_are_one_line(tmp_path):

@@ -284,13 +284,21 @@ def test_prediction_input_errors_write_nothing(nnunet_env, tmp_path, capsys):
     grey.mkdir()
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(grey / "case_0000.png")
     code, err = run_cli(predict_cli.main, ["-i", str(grey), *base], capsys)
-    assert code == 2 and "expects 3 input channel(s)" in err and "has 1" in err
+    assert code == 2 and "expects 3 input channel(s)" in err and "case: 1 channel(s) in case_0000.png" in err
+
+    extra = tmp_path / "extra_channels_last"  # the first case is fine; upstream's workers failed on the last
+    extra.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(extra / "cTs000_0000.png")
+    for channel in range(6):
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(extra / f"cTs001_{channel:04d}.png")
+    code, err = run_cli(predict_cli.main, ["-i", str(extra), *base], capsys)
+    assert code == 2 and err.count("\n") == 1 and "cTs001: 18 channel(s) in 6 file(s)" in err and "cTs000" not in err
 
     unsuffixed = tmp_path / "unsuffixed"
     unsuffixed.mkdir()
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(unsuffixed / "case.png")
     code, err = run_cli(predict_cli.main, ["-i", str(unsuffixed), *base], capsys)
-    assert code == 2 and "must be named CASE_XXXX.png" in err and "e.g. case.png" in err
+    assert code == 2 and "case.png: not named CASE_XXXX.png" in err
 
     code, err = run_cli(predict_cli.main, ["-i", str(dataset / "imagesTs"), *base[:4], "-f", "1", *base[6:]], capsys)
     assert code == 2 and "fold_1" in err and "not found" in err

@@ -1,15 +1,11 @@
-"""Pieces shared by the train and predict commands: dataset lookup, device choice, error exit, worker lifetime."""
+"""Pieces shared by the commands: dataset lookup, device choice, error exit, worker lifetime (``lifetime``)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
-import os
-import signal
 import sys
-import threading
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -18,6 +14,9 @@ from nnunetv2.model.checkpoint_io import UntrustedCheckpointError
 from nnunetv2.vit.errors import (
     CheckpointReadError, CheckpointWriteError, CompileError, ConfigError, NonFiniteTrainingError, OutOfMemoryError,
 )
+# What the training command uses of the worker lifetime module (which every spawned worker imports).
+from nnunetv2.vit.lifetime import die_with_parent as die_with_parent
+from nnunetv2.vit.lifetime import end_forked_workers_with_this_process as end_forked_workers_with_this_process
 
 # Errors whose message already tells the user what to fix: shown as one line, exit code 2.
 # Only this project's own classes: a built-in error (FileNotFoundError, ...) is a bug and keeps its traceback.
@@ -51,44 +50,6 @@ def get_device(name: str) -> torch.device:
 
 
 USER_ERROR_EXIT_CODE = 2
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-_fork_hook_registered = False
-
-
-def end_forked_workers_with_this_process() -> None:
-    """Make every process this one forks from its main thread (nnU-Net's data-augmentation workers) end when this
-    process dies: after a ``kill -9`` of a training, no worker lives on holding memory (Linux only). This process
-    itself may outlive its parent (a training started with nohup from a shell that closed)."""
-    global _fork_hook_registered
-    if not sys.platform.startswith("linux") or _fork_hook_registered:
-        return
-    _fork_hook_registered = True
-    main_thread = threading.main_thread().ident
-    forked_from_main = []
-
-    def before_fork() -> None:
-        forked_from_main[:] = [threading.get_ident() == main_thread, os.getpid()]
-
-    def in_child() -> None:
-        # The signal follows the forking *thread*: only a fork from the main thread lives as long as its process.
-        if forked_from_main and forked_from_main[0]:
-            _set_parent_death_signal(parent=forked_from_main[1])
-
-    os.register_at_fork(before=before_fork, after_in_child=in_child)
-
-
-def die_with_parent() -> None:
-    """For helper processes (DDP workers): end when the process that started them dies, and so do their workers."""
-    if sys.platform.startswith("linux"):
-        _set_parent_death_signal()
-        end_forked_workers_with_this_process()
-
-
-def _set_parent_death_signal(parent: Optional[int] = None) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if parent is not None and os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
 
 
 def exit_with_user_error(prog: str, message: str) -> None:

@@ -297,19 +297,23 @@ def validate_config(raw: Any, source: str = "config") -> ViTConfig:
 
 
 def resolve_config_path(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
-    """A config path as given (or relative to the folder ``relative_to``), or the bare name of a built-in config
-    (``dpt`` -> nnunetv2/configs/dpt.yaml)."""
+    """A config path as given (or, if ``relative_to`` is a folder, relative to it), or the bare name of a built-in
+    config (``dpt`` -> nnunetv2/configs/dpt.yaml)."""
     path = Path(path)
-    for candidate in ((relative_to / path,) if relative_to is not None and not path.is_absolute() else ()) + (path,):
-        if candidate.is_dir():
-            raise ConfigError(f"Config {candidate} is a directory; give a YAML file in it.")
-        if candidate.is_file():
-            return candidate
+    candidate = relative_to / path if relative_to is not None and not path.is_absolute() else path
+    if candidate.is_dir():
+        raise ConfigError(f"Config {candidate} is a directory; give a YAML file in it.")
+    if candidate.is_file():
+        return candidate
     builtin = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
     if builtin.is_file() and path.parent == Path("."):
         return builtin
+    searched = [str(candidate.parent.resolve())]
+    if path.parent == Path("."):
+        searched.append(f"the built-in configs folder {CONFIG_DIR}")
     builtins = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"Config file not found: {path}. Built-in configs: {builtins}.")
+    raise ConfigError(f"Config file not found: {path} (looked in {' and '.join(searched)}). "
+                      f"Built-in configs: {builtins}.")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -354,7 +358,10 @@ def read_config_file(path: Path, children: Tuple[Path, ...] = ()) -> Any:
     parent_name = raw.pop(INHERITS)
     if not isinstance(parent_name, str):
         raise ConfigError(f"{path}: '{INHERITS}' must name a config file, got {parent_name!r}.")
-    parent = resolve_config_path(parent_name, relative_to=path.parent).resolve()
+    try:
+        parent = resolve_config_path(parent_name, relative_to=path.parent).resolve()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: '{INHERITS}: {parent_name}': {err}") from err
     if parent in children + (path.resolve(),):
         raise ConfigError(f"{path}: '{INHERITS}: {parent_name}' makes a cycle; a config cannot inherit itself.")
     return _merged(read_config_file(parent, children + (path.resolve(),)), raw)

@@ -35,6 +35,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from nnunetv2.vit.cli import dataset_name, run_main
 from nnunetv2.vit.config import ViTConfig, build_model, load_config, quiet_model_logs
 from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.lifetime import end_workers_with_this_process
 from nnunetv2.vit.normalization import PARAMETERS_KEY, BackboneNormalization
 
 PROG = "nnUNetv2_plan_vit.py"
@@ -328,6 +329,7 @@ def run(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    end_workers_with_this_process()  # upstream's preprocessing workers
     run_main(PROG, lambda: run(args))
 
 

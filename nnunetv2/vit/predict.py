@@ -10,11 +10,13 @@ folder: the trainer class is resolved without upstream's ``sys.modules`` scan (`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import io
 import re
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -24,6 +26,7 @@ from torch._dynamo import OptimizedModule
 from nnunetv2.vit.cli import dataset_name, run_main
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.lifetime import end_workers_with_this_process
 
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
 TRUST_FLAG = "--trust_checkpoint"
@@ -101,8 +104,8 @@ def _known_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) -> None:
-    """Refuse a missing model, a checkpoint of another model or beyond plain data, or images with the wrong
-    channel count."""
+    """Refuse a missing model, a checkpoint of another model or beyond plain data, or an input folder with a case
+    that cannot be predicted (``check_input_images``)."""
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
     from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
@@ -129,28 +132,64 @@ def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) 
                            str(model_folder / "plans.json"))
 
     dataset_json = load_json(str(model_folder / "dataset.json"))
-    expected = len(dataset_json["channel_names"])
-    ending = dataset_json["file_ending"]
-    images = sorted(Path(args.i).glob(f"*{ending}")) if Path(args.i).is_dir() else []
-    if not images:
-        raise ConfigError(f"No input images ending in '{ending}' in {args.i}.")
-    misnamed = [path.name for path in images if not re.fullmatch(rf".+_\d{{4}}{re.escape(ending)}", path.name)]
-    if misnamed:
-        raise ConfigError(f"Input images must be named CASE_XXXX{ending}, XXXX being the channel index (e.g. "
-                          f"case_0000{ending}), as in nnU-Net's imagesTs; {len(misnamed)} in {args.i} are not, "
-                          f"e.g. {misnamed[0]}.")
-    first_case = images[0].name[: -len(ending) - 5]
-    files = [str(p) for p in images if p.name[: -len(ending) - 5] == first_case]
     reader = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
-    channels = reader.read_images(files)[0].shape[0]
-    if channels != expected:
+    check_input_images(Path(args.i), dataset_json, reader)
+
+
+MAX_LISTED = 10  # bad cases named in the error; the rest are counted
+MAX_REASON = 300  # characters of a reader's error shown per case
+
+
+def check_input_images(folder: Path, dataset_json: dict, reader) -> None:
+    """Refuse the input folder, before anything is predicted, unless every case in it can be: all files named
+    ``CASE_XXXX<ending>``, each case's channel files numbered 0000 to N-1, readable by the model's image reader,
+    and giving the model's channel count. One error names every bad case (upstream's workers met them one by
+    one, mid-way, with an IndexError and a hint about full RAM)."""
+    ending = dataset_json["file_ending"]
+    expected = len(dataset_json["channel_names"])
+    images = sorted(folder.glob(f"*{ending}")) if folder.is_dir() else []
+    if not images:
+        raise ConfigError(f"No input images ending in '{ending}' in {folder}.")
+    cases: Dict[str, Dict[int, Path]] = {}
+    problems = []
+    for path in images:
+        match = re.fullmatch(rf"(.+)_(\d{{4}}){re.escape(ending)}", path.name)
+        if match is None:
+            problems.append(f"{path.name}: not named CASE_XXXX{ending} (XXXX: the channel index, e.g. "
+                            f"case_0000{ending})")
+        else:
+            cases.setdefault(match[1], {})[int(match[2])] = path
+    for case, files in cases.items():
+        indices = sorted(files)
+        if indices != list(range(len(indices))):
+            missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+            problems.append(f"{case}: channel files {', '.join(f'{i:04d}' for i in indices)} (missing "
+                            f"{', '.join(f'{i:04d}' for i in missing)}; they must be numbered from 0000 on)")
+            continue
+        printed = io.StringIO()  # upstream's readers print some of their errors instead of raising them
+        try:
+            with contextlib.redirect_stdout(printed):
+                channels = reader.read_images([str(files[i]) for i in indices])[0].shape[0]
+        except Exception as err:  # whatever the reader raises, the case cannot be predicted
+            reason = " ".join(f"{err} {printed.getvalue()}".split()) or type(err).__name__
+            problems.append(f"{case}: unreadable by {type(reader).__name__} ({reason[:MAX_REASON]})")
+            continue
+        if channels != expected:
+            where = (f"{case}_0000{ending}" if len(indices) == 1 else
+                     f"{len(indices)} file(s) {case}_0000{ending}..{case}_{indices[-1]:04d}{ending}")
+            problems.append(f"{case}: {channels} channel(s) in {where}")
+    if problems:
+        listed = "; ".join(problems[:MAX_LISTED])
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         names = list(dataset_json["channel_names"].values())
-        raise ConfigError(f"The model expects {expected} input channel(s) {names}, "
-                          f"but case '{first_case}' in {args.i} has {channels}.")
+        raise ConfigError(f"{len(problems)} of the inputs in {folder} cannot be predicted, so nothing was: {listed}"
+                          f"{more}. The model expects {expected} input channel(s) {names} per case. Fix or move "
+                          f"these files and run again.")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    end_workers_with_this_process()  # upstream's preprocessing and export workers, its Manager's server
     if "-tr" not in argv:
         argv = ["-tr", DEFAULT_TRAINER, *argv]
     # Ours, not upstream's: load the checkpoints as full pickles (they can run code) for a model one trusts.
