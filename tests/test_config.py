@@ -241,3 +241,12 @@ def test_a_user_model_module_that_raises_is_one_line(tmp_path, monkeypatch, code
     with pytest.raises(ConfigError, match=re.escape(expected)) as err:
         load_config(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_config_named_as_a_built_in_inherits_the_built_in(tmp_path):
+    """A copy of dpt.yaml kept under its own name, listing what differs, starts from the built-in, not a cycle."""
+    mine = tmp_path / "dpt.yaml"
+    mine.write_text("inherits: dpt.yaml\nmodel:\n  backbone_size: small\n  pretrained: false\n")
+    config = load_config(mine)
+    assert config.model.backbone_size == "small" and config.model.model_path == "nnunetv2.model.model_dpt"
+    assert config.train.initial_lr == load_config("dpt").train.initial_lr

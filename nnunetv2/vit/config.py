@@ -362,6 +362,9 @@ def read_config_file(path: Path, children: Tuple[Path, ...] = ()) -> Any:
         parent = resolve_config_path(parent_name, relative_to=path.parent).resolve()
     except ConfigError as err:
         raise ConfigError(f"{path}: '{INHERITS}: {parent_name}': {err}") from err
+    builtin = (CONFIG_DIR / (Path(parent_name).name if Path(parent_name).suffix else f"{parent_name}.yaml")).resolve()
+    if parent == path.resolve() and Path(parent_name).parent == Path(".") and builtin.is_file():
+        parent = builtin  # my/dpt.yaml saying 'inherits: dpt.yaml' starts from the built-in dpt.yaml, not from itself
     if parent in children + (path.resolve(),):
         raise ConfigError(f"{path}: '{INHERITS}: {parent_name}' makes a cycle; a config cannot inherit itself.")
     return _merged(read_config_file(parent, children + (path.resolve(),)), raw)
