@@ -412,8 +412,8 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
                               f"visible (CUDA_VISIBLE_DEVICES). Start at most that many processes per machine.")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    else:  # the cores this process may use (SLURM's --cpus-per-task, taskset), shared by this machine's processes
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                             timeout=ddp_timeout())
     return device
@@ -499,7 +499,7 @@ def run_launched(args: argparse.Namespace) -> None:
 def _launched_worker(args: argparse.Namespace) -> None:
     """A process of -num_gpus: torchrun's launcher set its environment."""
     die_with_parent()
-    main_in_process(args)
+    run_main(PROG, lambda: main_in_process(args))
 
 
 def launch_processes(args: argparse.Namespace) -> None:
