@@ -425,7 +425,11 @@ def run_distributed(args: argparse.Namespace, device: torch.device) -> None:
     (``--max-restarts``) continue from the latest checkpoint, as with --c (-pretrained_weights applies only if
     there is none yet)."""
     rank = dist.get_rank()
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    # torchrun counts restarts per machine, and not those it makes because another machine's processes restarted
+    # (a "membership change"): the group restarted if any process says so.
+    restarts = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))])
+    dist.all_reduce(restarts, op=dist.ReduceOp.MAX, group=control_group())
+    restart = int(restarts.numpy()[0])
     pretrained_weights, note = args.pretrained_weights, ""
     if restart and not (args.c or args.val):
         args.c, args.pretrained_weights = True, None
@@ -522,7 +526,8 @@ def launch_processes(args: argparse.Namespace) -> None:
                           start_method="spawn", signals_to_handle=",".join(
                               sig.name for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                                                    *STOP_SIGNALS[1:])))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes say what happened
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the processes say what happened
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         elastic_launch(config, _launched_worker)(argparse.Namespace(**{**vars(args), "num_gpus": 1}))
     except SignalException:
