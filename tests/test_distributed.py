@@ -224,4 +224,3 @@ def test_the_planned_batch_is_per_process_and_logged(nnunet_env):
                 loader._finish()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert "global batch 2 = 2 per process x 1 process (learning rates" in open(trainer.log_file).read()
-
