@@ -497,6 +497,7 @@ def test_ddp_training_over_gloo_survives_an_epoch_and_a_nan_loss_on_one_process(
     log = "".join(path.read_text() for path in fold.glob("training_log_*.txt"))
     assert "Skipped training steps in this epoch: 1 with a non-finite loss or gradient" in log
     assert "precision: fp32, torch.compile: off" in log
+    assert "global batch 4 = 2 per process x 2 processes" in log  # the planned batch (2) is per process
     assert (fold / "validation" / "summary.json").is_file()
     assert not list(fold.glob("*.partial"))
 
@@ -515,7 +516,7 @@ def test_user_error_in_ddp_processes_is_one_line(nnunet_env, tmp_path):
     config = tmp_path / "upernet.yaml"
     config.write_text(yaml.safe_dump({
         "model": {**TINY_MODEL, "model_path": "nnunetv2.model.model_upernet", "decoder": {"hidden_size": 16}},
-        "train": {"batch_size": 2, "num_epochs": 1}}))
+        "train": {"batch_size": 1, "num_epochs": 1}}))
     result = run_ddp_command(config)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]

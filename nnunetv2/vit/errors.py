@@ -23,3 +23,8 @@ class CompileError(RuntimeError):
 
 class OutOfMemoryError(RuntimeError):
     """Training or validation ran out of memory; smaller batches, checkpointing or LoRA are the way out."""
+
+
+class TrainingStopped(Exception):
+    """Training stopped on a signal (SIGTERM, SIGUSR1: a cluster preempting the job or ending its time) after the
+    step it was in, with ``checkpoint_latest.pth`` written: not an error, the command exits with its own code."""

@@ -10,33 +10,43 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import datetime
 import json
+import logging
 import os
+import signal
 import socket
 import sys
 import time
-from multiprocessing.queues import SimpleQueue
+import uuid
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import (
     USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, die_with_parent, end_forked_workers_with_this_process,
-    exit_with_user_error, get_device, run_main,
+    get_device, run_main,
 )
 from nnunetv2.vit.config import ViTConfig, load_config
-from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError
+from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError, TrainingStopped
 from nnunetv2.vit.plan import PROG as PLAN_PROG, BASE, PLAN_KEY, default_configuration_name, resolve_normalization
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
-from nnunetv2.vit.trainer import find_trainer_class, nnUNetTrainer_vit
+from nnunetv2.vit.trainer import STOP_SIGNALS, control_group, find_trainer_class, nnUNetTrainer_vit
 
 PROG = "nnUNetv2_train_vit.py"
+# Exit codes besides 0 (done) and 2 (a user error, one line): SIGTERM/SIGUSR1 stopped the training with its checkpoint
+# written (EX_TEMPFAIL: run again with --c); a process lost the others of its training (one died or hangs).
+STOPPED_EXIT_CODE = 75
+PEERS_LOST_EXIT_CODE = 3
+# torchrun's environment for each process it starts (c10d and static rendezvous alike).
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# How long a collective (or a barrier while rank 0 unpacks data or writes a checkpoint) may wait for the others.
+DDP_TIMEOUT_VARIABLE, DDP_TIMEOUT_DEFAULT_S = "nnUNet_ddp_timeout", 600
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 LOCK_NAME = ".training.lock"
 
@@ -192,14 +202,18 @@ def check_writable(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def fold_lock(fold_folder: Path) -> Iterator[None]:
+def fold_lock(fold_folder: Path, run_id: Optional[str] = None) -> Iterator[None]:
     """Hold ``.training.lock`` in the fold folder while training or validating there: a second training of the
     same fold is refused (their checkpoints would interleave). A lock left by a killed process (its PID gone
-    on this host) is taken over. Folders made for the lock are removed again if nothing else was written."""
+    on this host) is taken over, and so is one left by an earlier start of the same torchrun job (``run_id``:
+    its rendezvous id; a restarted or requeued job's rank 0 may run on another node). Folders made for the
+    lock are removed again if nothing else was written."""
     lock = fold_folder / LOCK_NAME
     created = [folder for folder in (fold_folder, *fold_folder.parents) if not folder.exists()]
     fold_folder.mkdir(parents=True, exist_ok=True)
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if run_id:
+        me["run_id"] = run_id
     for _ in range(2):
         try:
             with os.fdopen(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as handle:
@@ -209,6 +223,10 @@ def fold_lock(fold_folder: Path) -> Iterator[None]:
             holder = _read_lock(lock)
             if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
                 print(f"Taking over {lock}: the training that left it (PID {holder.get('pid')}) is gone.")
+                lock.unlink(missing_ok=True)
+                continue
+            if run_id and holder.get("run_id") == run_id:
+                print(f"Taking over {lock}: an earlier start of this torchrun job (rendezvous id {run_id}) left it.")
                 lock.unlink(missing_ok=True)
                 continue
             raise ConfigError(
@@ -244,8 +262,8 @@ def _alive(pid: Optional[int]) -> bool:
 
 
 def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
-                      resume: Union[None, str, dict]) -> None:
-    """What upstream's run_training does per process, for the ViT trainer."""
+                      resume: Union[None, str, dict], resume_note: str = "") -> None:
+    """What upstream's run_training does per process, for the ViT trainer; ``resume_note`` goes to the log."""
     trainer_class = find_trainer_class(args.tr)
     if not issubclass(trainer_class, nnUNetTrainer_vit):
         raise ConfigError(f"Trainer {args.tr} is not a subclass of nnUNetTrainer_vit.")
@@ -260,6 +278,8 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
     trainer.load_pretrained_backbone = resume is None and not args.pretrained_weights
     if resume is not None:
         trainer.load_checkpoint(resume)
+        if resume_note:
+            trainer.print_to_log_file(f"{resume_note} (epoch {trainer.current_epoch})")
     elif args.pretrained_weights:
         trainer.initialize()
         load_pretrained_network(trainer.model, args.pretrained_weights, trust=args.trust_checkpoint)
@@ -299,28 +319,8 @@ def out_of_memory_is_one_line(trainer: nnUNetTrainer_vit) -> Iterator[None]:
             f"The last good checkpoint is kept; resume with --c.") from err
 
 
-def _ddp_worker(rank: int, world_size: int, args: argparse.Namespace, plans: dict, dataset_json: dict,
-                resume: Optional[str], user_errors: SimpleQueue) -> None:
-    """One DDP process: NCCL on its own GPU, or gloo on the CPU (testing, machines without GPUs)."""
-    die_with_parent()
-    if args.device == "cuda":
-        dist.init_process_group("nccl", rank=rank, world_size=world_size)
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-        device = torch.device("cpu")
-    try:
-        train_one_process(args, plans, dataset_json, device, resume)
-    except USER_ERRORS as err:
-        user_errors.put(str(err))  # the parent prints the first: one line, as without DDP
-        sys.exit(USER_ERROR_EXIT_CODE)
-    finally:
-        dist.destroy_process_group()
-
-
-def run(args: argparse.Namespace) -> None:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse argument combinations that cannot work, before any work."""
     if args.c and args.val:
         raise ConfigError("--c and --val cannot be combined.")
     if args.val_best and args.disable_checkpointing:
@@ -331,14 +331,11 @@ def run(args: argparse.Namespace) -> None:
         raise ConfigError(f"-pretrained_weights file not found: {args.pretrained_weights}")
     if args.fold != "all" and not args.fold.isdigit():
         raise ConfigError(f"fold must be an integer or 'all', got '{args.fold}'.")
-    requested = load_config(args.config) if args.config else None
-    device = get_device(args.device)
-    if args.num_gpus > 1 and device.type == "mps":
-        raise ConfigError("-num_gpus > 1 (DDP) runs on CUDA GPUs (NCCL) or on the CPU (gloo), not on mps.")
-    if args.num_gpus > 1 and device.type == "cuda" and torch.cuda.device_count() < args.num_gpus:
-        raise ConfigError(f"-num_gpus {args.num_gpus} asks for more GPUs than the {torch.cuda.device_count()} "
-                          f"visible (CUDA_VISIBLE_DEVICES).")
 
+
+def prepare(args: argparse.Namespace) -> Tuple[dict, dict, Path]:
+    """Plans (with the resolved ViT config in them), dataset.json and the fold folder, every input checked."""
+    requested = load_config(args.config) if args.config else None
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
     stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
@@ -353,47 +350,214 @@ def run(args: argparse.Namespace) -> None:
     require_preprocessed(args, dataset, plans)
     if not (args.c or args.val):  # a resumed training passed this check when it started
         check_label_values(dataset, plans, dataset_json)
-
     check_writable(fold_folder)
-    with fold_lock(fold_folder):
-        train_with_config(args, plans, dataset_json, device, fold_folder, config)
+    add_vit_config(plans, args.configuration, config)
+    return plans, dataset_json, fold_folder
 
 
-def train_with_config(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
-                      fold_folder: Path, config: ViTConfig) -> None:
-    """Resume or validate as asked, then train in one process or in DDP processes."""
-    found = None
+def find_resume(args: argparse.Namespace, fold_folder: Path) -> Optional[Tuple[Path, dict]]:
+    """The checkpoint --val validates or --c continues from (None: --c starts a new training)."""
     if args.val:
         found = first_readable_checkpoint(fold_folder, ["checkpoint_final.pth"], args.trust_checkpoint)
         if found is None:
             raise ConfigError(f"Cannot run validation: no readable checkpoint_final.pth in {fold_folder} "
                               f"(training not finished?).")
-    elif args.c:
-        found = first_readable_checkpoint(fold_folder, CHECKPOINT_PREFERENCE, args.trust_checkpoint)
-        if found is None:
-            print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
-        else:
-            print(f"Continuing from {found[0]}")
-
-    add_vit_config(plans, args.configuration, config)
-
-    if args.num_gpus > 1:
-        os.environ.setdefault("MASTER_ADDR", "localhost")
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as sock:
-                sock.bind(("", 0))
-                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-        resume = str(found[0]) if found else None  # each process reads it; a loaded dict would be pickled N times
-        user_errors = mp.get_context("spawn").SimpleQueue()
-        try:
-            mp.spawn(_ddp_worker, args=(args.num_gpus, args, plans, dataset_json, resume, user_errors),
-                     nprocs=args.num_gpus, join=True)
-        except mp.ProcessExitedException as err:
-            if err.exit_code == USER_ERROR_EXIT_CODE and not user_errors.empty():
-                exit_with_user_error(PROG, user_errors.get())
-            raise
+        return found
+    if not args.c:
+        return None
+    found = first_readable_checkpoint(fold_folder, CHECKPOINT_PREFERENCE, args.trust_checkpoint)
+    if found is None:
+        print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
     else:
-        train_one_process(args, plans, dataset_json, device, found[1] if found else None)
+        print(f"Continuing from {found[0]}")
+    return found
+
+
+def run(args: argparse.Namespace) -> None:
+    """One process: the whole training here."""
+    check_arguments(args)
+    device = get_device(args.device)
+    plans, dataset_json, fold_folder = prepare(args)
+    with fold_lock(fold_folder):
+        found = find_resume(args, fold_folder)
+        train_one_process(args, plans, dataset_json, device, found[1] if found else None,
+                          f"Continuing from {found[0]}" if found else "")
+
+
+def torchrun_started() -> bool:
+    """Whether torchrun (or -num_gpus, through torchrun's launcher) started this process: RANK and WORLD_SIZE
+    are set, as upstream's unmerged cross-node branch reads them."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return False
+    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if missing:
+        raise ConfigError(f"RANK/WORLD_SIZE are set but not {', '.join(missing)}: start several processes with "
+                          f"torchrun (see README, 'Training on several machines'), or unset RANK and WORLD_SIZE.")
+    return True
+
+
+def ddp_timeout() -> datetime.timedelta:
+    value = os.environ.get(DDP_TIMEOUT_VARIABLE, str(DDP_TIMEOUT_DEFAULT_S))
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{DDP_TIMEOUT_VARIABLE} must be a number of seconds, got '{value}'.")
+    return datetime.timedelta(seconds=int(value))
+
+
+def init_distributed(args: argparse.Namespace) -> torch.device:
+    """Join the process group torchrun set up: NCCL on the GPU LOCAL_RANK of this node, or gloo on the CPU."""
+    if args.num_gpus > 1:
+        raise ConfigError("-num_gpus starts processes on one machine; under torchrun leave it out "
+                          "(torchrun's --nproc_per_node sets the processes per machine).")
+    device = get_device(args.device)
+    local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    if device.type == "mps":
+        raise ConfigError("Several processes (DDP) run on CUDA GPUs (NCCL) or on the CPU (gloo), not on mps.")
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"Process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} are "
+                              f"visible (CUDA_VISIBLE_DEVICES). Start at most that many processes per machine.")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:  # the cores this process may use (SLURM's --cpus-per-task, taskset), shared by this machine's processes
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                            timeout=ddp_timeout())
+    return device
+
+
+def run_distributed(args: argparse.Namespace, device: torch.device) -> None:
+    """One of the processes torchrun started. Global rank 0 checks the inputs, takes the fold lock and picks the
+    checkpoint to resume from; every process then trains with them. Processes that torchrun restarted
+    (``--max-restarts``) continue from the latest checkpoint, as with --c (-pretrained_weights applies only if
+    there is none yet)."""
+    rank = dist.get_rank()
+    # torchrun counts restarts per machine, and not those it makes because another machine's processes restarted
+    # (a "membership change"): the group restarted if any process says so.
+    restarts = torch.tensor([int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))])
+    dist.all_reduce(restarts, op=dist.ReduceOp.MAX, group=control_group())
+    restart = int(restarts.numpy()[0])
+    pretrained_weights, note = args.pretrained_weights, ""
+    if restart and not (args.c or args.val):
+        args.c, args.pretrained_weights = True, None
+        note = f"torchrun restarted the processes (restart {restart}): "
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    with contextlib.ExitStack() as held:
+        prepared: list = [None]
+        if rank == 0:
+            try:
+                check_arguments(args)
+                plans, dataset_json, fold_folder = prepare(args)
+                held.enter_context(fold_lock(fold_folder, run_id if run_id not in ("", "none") else None))
+                found = find_resume(args, fold_folder)
+                prepared[0] = (plans, dataset_json, str(found[0]) if found else None)
+            except USER_ERRORS as err:
+                prepared[0] = err
+        dist.broadcast_object_list(prepared, src=0, group=control_group())
+        if isinstance(prepared[0], Exception):
+            raise prepared[0]
+        plans, dataset_json, resume = prepared[0]
+        if resume is None:
+            args.pretrained_weights = pretrained_weights
+        train_one_process(args, plans, dataset_json, device, resume,
+                          f"{note}continuing from {resume}" if note else f"Continuing from {resume}" if resume else "")
+
+
+def first_to_report() -> bool:
+    """Whether this process is the first of its torchrun job to report an error: the others stay quiet, so a
+    mistake every process makes reads as one line. Asked of torchrun's key-value store; if that is gone, report."""
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=10))
+        key = f"nnunet_vit/first_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        return store.compare_set(key, "", os.environ["RANK"]) == os.environ["RANK"].encode()
+    except (RuntimeError, ValueError, KeyError):
+        return True
+
+
+def lost_peers(err: BaseException) -> bool:
+    """A collective failed because another process died or hangs (gloo's connection errors, NCCL's timeouts)."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
+
+
+def run_launched(args: argparse.Namespace) -> None:
+    """A process started by torchrun: init, train, and end with one line and a documented exit code."""
+    rank = os.environ["RANK"]
+    try:
+        device = init_distributed(args)
+        try:
+            run_distributed(args, device)
+        finally:
+            dist.destroy_process_group()
+    except USER_ERRORS as err:
+        if first_to_report():
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except TrainingStopped as stop:
+        if rank == "0":
+            print(f"{PROG}: {stop}", file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
+    except (RuntimeError, dist.DistError) as err:
+        if not lost_peers(err):
+            raise
+        cause = " ".join(str(err).split())[:300]
+        print(f"{PROG}: error: process {rank} on {socket.gethostname()} lost the other processes of its training "
+              f"({cause}). Another process ended or hangs: torchrun's report names its rank. The last checkpoint "
+              f"is kept; resume with --c.", file=sys.stderr)
+        sys.exit(PEERS_LOST_EXIT_CODE)
+
+
+def _launched_worker(args: argparse.Namespace) -> None:
+    """A process of -num_gpus: torchrun's launcher set its environment."""
+    die_with_parent()
+    run_main(PROG, lambda: main_in_process(args))
+
+
+def launch_processes(args: argparse.Namespace) -> None:
+    """-num_gpus N: N processes on this machine, started as ``torchrun --standalone --nproc_per_node N`` starts
+    them (torch.distributed's launcher), so they run exactly as under torchrun. SIGTERM and SIGUSR1 reach them;
+    this process ends with the exit code of the first that failed."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    check_arguments(args)
+    device = get_device(args.device)
+    if device.type == "mps":
+        raise ConfigError("-num_gpus > 1 (DDP) runs on CUDA GPUs (NCCL) or on the CPU (gloo), not on mps.")
+    if device.type == "cuda" and torch.cuda.device_count() < args.num_gpus:
+        raise ConfigError(f"-num_gpus {args.num_gpus} asks for more GPUs than the {torch.cuda.device_count()} "
+                          f"visible (CUDA_VISIBLE_DEVICES).")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.num_gpus, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+                          start_method="spawn", signals_to_handle=",".join(
+                              sig.name for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
+                                                   *STOP_SIGNALS[1:])))
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the processes say what happened
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        elastic_launch(config, _launched_worker)(argparse.Namespace(**{**vars(args), "num_gpus": 1}))
+    except SignalException:
+        sys.exit(STOPPED_EXIT_CODE)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode not in (USER_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, PEERS_LOST_EXIT_CODE):
+            what = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
+            print(f"{PROG}: error: process {rank} ended with {what} (its output above says why).", file=sys.stderr)
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
+
+
+def main_in_process(args: argparse.Namespace) -> None:
+    """Train in this process, in the processes torchrun started (this is one), or start -num_gpus processes."""
+    if torchrun_started():
+        run_launched(args)
+    elif args.num_gpus > 1:
+        launch_processes(args)
+    else:
+        try:
+            run(args)
+        except TrainingStopped as stop:
+            print(f"{PROG}: {stop}", file=sys.stderr)
+            sys.exit(STOPPED_EXIT_CODE)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -402,7 +566,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         os.environ[var] = "1"
     args = build_parser().parse_args(argv)
     end_forked_workers_with_this_process()
-    run_main(PROG, lambda: run(args))
+    run_main(PROG, lambda: main_in_process(args))
 
 
 if __name__ == "__main__":

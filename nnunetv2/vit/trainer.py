@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import time
 from typing import Dict, List, Optional, Union
 
@@ -30,7 +31,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.model.common import ViTSegmentationModel
 from nnunetv2.vit.config import TrainSection, build_model
-from nnunetv2.vit.errors import CheckpointWriteError, ConfigError, NonFiniteTrainingError
+from nnunetv2.vit.errors import CheckpointWriteError, ConfigError, NonFiniteTrainingError, TrainingStopped
 from nnunetv2.vit.stored import (
     network_weights, read_training_checkpoint, require_same_model, required_config, stored_config,
 )
@@ -97,6 +98,21 @@ def describe_parameter_groups(optimizer: torch.optim.Optimizer, initial_lr: floa
     return "\n".join(lines)
 
 
+# What clusters send before they stop a job: SLURM's SIGTERM (preemption, scancel) and --signal=USR1@seconds.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_control_group: Optional[dist.ProcessGroup] = None
+
+
+def control_group() -> dist.ProcessGroup:
+    """A gloo group of all processes for small CPU-side agreements (stop votes, the resume choice): on NCCL
+    they would need a device tensor and a host-device wait. Made on first use, which every process reaches in
+    the same order."""
+    global _control_group
+    if _control_group is None:
+        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control_group
+
+
 class WarmupPolyLRScheduler:
     """Linear warm-up to the peak for ``warmup_steps`` epochs, then nnU-Net's poly decay: upstream's schedulers
     give the factor (they set one lr for every group), and each group gets it times its own ``lr_scale``, kept in
@@ -139,8 +155,11 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.num_val_iterations_per_epoch = train.num_val_iterations_per_epoch
         self.save_every = train.save_every
         self.enable_deep_supervision = False
-        if self.is_ddp and device.type != "cuda":
-            self.device = device  # upstream moves every DDP rank to a GPU; gloo on CPU keeps the CPU
+        if self.is_ddp:
+            # Upstream takes the global rank as the CUDA index (cuda:5 on the second node of 4-GPU nodes) and moves
+            # CPU processes to a GPU; the launcher chose the device from LOCAL_RANK. (self.local_rank stays upstream's
+            # global rank: it picks the one process that writes and each process's share of the validation cases.)
+            self.device = device
         self.precision = self._resolve_precision(train.precision)
         # Loss scaling is needed for fp16 only; upstream makes a scaler for any CUDA device and none elsewhere.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -157,6 +176,11 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.fp16_overflows = 0
         self.compile_log: Optional[CompileLog] = None
         self.epoch_train_start = time.perf_counter()
+        # Preemption: the stop signal received (if any), the handlers it replaced, the stop vote in flight.
+        self.stop_signal = 0
+        self._previous_handlers: dict = {}
+        self._pending_vote: Optional[tuple] = None
+        self.steps_this_epoch = 0
 
     def _resolve_precision(self, precision: str) -> str:
         """``auto``: bf16 on GPUs that have it, else fp16; fp32 elsewhere (as upstream). Explicit values are kept."""
@@ -192,7 +216,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
     def initialize(self) -> None:
         """Upstream's steps (nnunetv2 2.8.1), except three: the network is built for training (the static builder
         is for the predictor), compiled one region at a time, and DDP wraps without SyncBatchNorm and
-        ``device_ids`` off CUDA, so gloo on CPU works. A test notices when upstream's ``initialize`` changes."""
+        ``device_ids`` off CUDA, so gloo on CPU works (on CUDA its device is the process's, not the global rank).
+        A test notices when upstream's ``initialize`` changes."""
         if self.was_initialized:
             raise RuntimeError("The trainer is already initialized.")
         self._set_batch_size_and_oversample()
@@ -207,7 +232,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if self.is_ddp and self.device.type == "cuda":
             self.network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
-                               device_ids=[self.local_rank])
+                               device_ids=[self.device.index])
         elif self.is_ddp:
             self.network = DDP(self.network)  # SyncBatchNorm is CUDA-only: BatchNorm uses per-process batches
         self.loss = self._build_loss()
@@ -223,10 +248,25 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             "batch_size": self.configuration_manager.batch_size,
         }})
 
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if self.is_ddp else 1
+
+    def _set_batch_size_and_oversample(self) -> None:
+        """The planned batch (nnUNetv2_plan_vit.py plans what one GPU holds; train.batch_size likewise) is per
+        process: N processes train with N times that batch. Upstream splits it across the processes instead, so a
+        plan made for one GPU would fill each of N GPUs to 1/N. Each process samples foreground as one would."""
+        self.batch_size = self.configuration_manager.batch_size
+
+    def batch_description(self) -> str:
+        """The global batch and how it is made, for the log."""
+        return (f"global batch {self.batch_size * self.world_size} = {self.batch_size} per process x "
+                f"{self.world_size} process{'es' if self.world_size > 1 else ''}")
+
     def _check_batch_size(self, network: torch.nn.Module) -> None:
         """Refuse batches too small for the model's BatchNorm before training crashes inside it."""
         sync_bn = self.is_ddp and self.device.type == "cuda"  # SyncBatchNorm normalises over all GPUs' samples
-        batch = self.configuration_manager.batch_size if sync_bn else self.batch_size
+        batch = self.batch_size * self.world_size if sync_bn else self.batch_size
         if batch < network.min_train_batch_size:
             where = "per process" if self.is_ddp else "per step"
             raise ConfigError(
@@ -286,7 +326,12 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         """ViT models have a single output; nothing to switch."""
 
     def on_train_start(self) -> None:
+        # Before upstream forks the augmentation workers: they inherit the handler, so a signal sent to every
+        # process of the job (as SLURM does) leaves them running until the training has finished its step.
+        self._catch_stop_signals()
         super().on_train_start()
+        self.print_to_log_file(f"{self.batch_description()} (learning rates are not scaled with the number of "
+                               f"processes)")
         self.print_to_log_file(f"ViT config: {self.vit_config}", also_print_to_console=False)
         compiled = "on" if self._do_i_compile() else "off"
         if compiled == "off" and self.vit_config.train.compile == "true":
@@ -301,6 +346,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self.epoch_train_start = time.perf_counter()
+        self.steps_this_epoch = 0
         self.skip_counts.zero_()
         self.longest_streak.copy_(self.nonfinite_streak)  # a run of non-finite steps goes on across epochs
 
@@ -350,6 +396,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.skip_counts += torch.stack([nonfinite, overflow]).to(torch.int64)
         self.nonfinite_streak.add_(1).mul_(nonfinite)
         torch.maximum(self.longest_streak, self.nonfinite_streak, out=self.longest_streak)
+        self.steps_this_epoch += 1
+        if self._stop_agreed():
+            raise TrainingStopped()
         return {"loss": loss.detach()}
 
     def _optimizer_step(self, skip: torch.Tensor) -> None:
@@ -362,6 +411,90 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 del self.optimizer.grad_scale, self.optimizer.found_inf
         elif not skip.item():  # no fused kernel on this device: decide on the host
             self.optimizer.step()
+
+    def run_training(self) -> None:
+        """Upstream's training, stopped cleanly by SIGTERM or SIGUSR1: after the step in progress every process
+        stops, rank 0 writes ``checkpoint_latest.pth`` and ``TrainingStopped`` is raised (see ``_stop``). A signal
+        during the last epoch's end stops before the final validation (``checkpoint_final.pth`` is written)."""
+        try:
+            super().run_training()
+        except TrainingStopped:
+            self._stop()
+        finally:
+            self._restore_signal_handlers()
+        if self._stop_agreed(wait=True):
+            self.print_to_log_file(f"Stopped by {signal.Signals(self.stop_signal).name} after the training, before "
+                                   f"the final validation; --c runs it.", also_print_to_console=False)
+            raise TrainingStopped(f"Stopped by {signal.Signals(self.stop_signal).name} before the final validation; "
+                                  f"checkpoint_final.pth is written. Resume with --c to run the validation.")
+
+    def _catch_stop_signals(self) -> None:
+        """From now on SIGTERM and SIGUSR1 only note that the training should stop (see ``_stop_agreed``)."""
+        def note(signum: int, frame) -> None:
+            self.stop_signal = signum
+
+        for sig in STOP_SIGNALS:
+            self._previous_handlers[sig] = signal.signal(sig, note)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _stop_agreed(self, wait: bool = False) -> bool:
+        """Whether every process stops now: one process's signal stops them all at the same step.
+
+        In DDP the processes vote each step with an all-reduce (max) of one CPU integer over gloo, started without
+        waiting and read one step later: a step never waits for the device nor for the network, and a signal stops
+        the training one or two steps after it arrives. ``wait``: vote now and wait for the result."""
+        if not self.is_ddp:
+            return self.stop_signal != 0
+        agreed = self._vote_result()
+        if not agreed:
+            flag = torch.tensor([self.stop_signal], dtype=torch.int32)
+            self._pending_vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group(),
+                                                        async_op=True))
+            if wait:
+                agreed = self._vote_result()
+        if agreed:
+            self.stop_signal = agreed  # the signal one of the processes received
+        return bool(agreed)
+
+    def _vote_result(self) -> int:
+        """The largest signal number voted in the vote in flight (waiting for it), 0 for none."""
+        if self._pending_vote is None:
+            return 0
+        flag, work = self._pending_vote
+        self._pending_vote = None
+        work.wait()
+        return int(flag.numpy()[0])
+
+    def _stop(self) -> None:
+        """After an agreed stop in a training step of epoch E: rank 0 writes ``checkpoint_latest.pth`` saying epoch E,
+        with the weights of this step and the log of epochs before E, so ``--c`` runs epoch E again from its start;
+        no process ends before that file is complete. The augmentation workers are ended as upstream ends them."""
+        name = signal.Signals(self.stop_signal).name
+        epoch = self.current_epoch
+        for values in self.logger.get_checkpoint().values():
+            del values[epoch:]  # epoch E's lr and start time: logged again when E runs again
+        self.current_epoch -= 1  # upstream's save_checkpoint writes current_epoch + 1, the epoch to resume at
+        try:
+            self.save_checkpoint(os.path.join(self.output_folder, "checkpoint_latest.pth"))
+        finally:
+            self.current_epoch += 1
+        if self.is_ddp:
+            dist.barrier(group=control_group())
+        for loader in (self.dataloader_train, self.dataloader_val):
+            if hasattr(loader, "_finish"):
+                loader._finish()
+        processes = f"all {self.world_size} processes" if self.is_ddp else "the training"
+        written = "checkpoint_latest.pth is written" if not self.disable_checkpointing else "checkpointing is disabled"
+        self.print_to_log_file(f"{name} received: {processes} stopped after step {self.steps_this_epoch} of epoch "
+                               f"{epoch}; {written}. --c continues at the start of epoch {epoch}.",
+                               also_print_to_console=False)
+        raise TrainingStopped(f"Stopped by {name} after step {self.steps_this_epoch} of epoch {epoch}; {written} in "
+                              f"{self.output_folder}. Resume with --c: it continues at the start of epoch "
+                              f"{epoch}.") from None
 
     def validation_step(self, batch: dict) -> dict:
         with self._first_call("validation step"):
