@@ -283,6 +283,10 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     get_device(device)
+    if device == "cpu":
+        # One intra-op thread, for every row alike: on a CPU shared with other work, torch's multi-threaded
+        # kernels stall at their barriers (measured 20-30x slower with the cores oversubscribed; tests/conftest.py).
+        torch.set_num_threads(1)
     preprocessed = workdir / "nnUNet_preprocessed"
     pretrained_rows = [name for name in args.rows if "checkpoint_path" in ROWS[name].get("model", {})]
 
