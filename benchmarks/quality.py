@@ -194,6 +194,23 @@ def table(rows: List[Row], classes: List[str]) -> str:
     return "\n".join(lines)
 
 
+def against_unet(rows: List[Row], classes: List[str]) -> str:
+    """Each row next to the ``unet`` row (the issue's target): its gap in mean Dice per class, and the test cases
+    where it falls below 0.5 while the U-Net is above 0.9."""
+    reference = next((r for r in rows if r.name == "unet" and not r.error), None)
+    if reference is None:
+        return ""
+    lines = []
+    for row in rows:
+        if row is reference or row.error:
+            continue
+        gaps = ", ".join(f"{c} {row.mean(row.dice[c]) - reference.mean(reference.dice[c]):+.3f}" for c in classes)
+        failed = [f"{case} {c} {score:.3f} (unet {reference.dice[c][case]:.3f})" for c in classes
+                  for case, score in row.dice[c].items() if score < 0.5 and reference.dice[c].get(case, 0.0) > 0.9]
+        lines.append(f"- {row.name} against unet: {gaps}; below 0.5 where unet > 0.9: {', '.join(failed) or 'none'}")
+    return "\n".join(lines)
+
+
 def write_panel(rows: List[Row], dataset: Path, predictions: Path, out_file: Path, labels: Dict[str, int]) -> None:
     """One line per test case: the image, the ground truth and each row's prediction with its Dice per class."""
     import matplotlib
@@ -319,7 +336,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.markdown:
                 Path(args.markdown).write_text("\n\n".join([*tables, f"### {family}\n\n{table(rows, list(labels))}"])
                                                + "\n")
-        tables.append(f"### {family}\n\n{table(rows, list(labels))}")
+        tables.append(f"### {family}\n\n{table(rows, list(labels))}\n\n{against_unet(rows, list(labels))}".rstrip())
         print("\n" + tables[-1], flush=True)
         if any(not r.error for r in rows):
             write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)

@@ -53,3 +53,10 @@ def test_quick_and_rows_together_are_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--quick", "--rows", "unet"])
     assert "--quick chooses the rows itself" in capsys.readouterr().err
+
+
+def test_against_unet_gives_the_gaps_and_the_failed_cases():
+    rows = [_row("unet", [0.95, 0.8], [0.95, 0.3]), _row("vit", [0.9, 0.8], [0.1, 0.2])]
+    assert quality.against_unet(rows, ["crack", "blob"]) == (
+        "- vit against unet: crack -0.025, blob -0.475; below 0.5 where unet > 0.9: c0 blob 0.100 (unet 0.950)")
+    assert quality.against_unet(rows[1:], ["crack"]) == ""
