@@ -336,10 +336,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.markdown:
                 Path(args.markdown).write_text("\n\n".join([*tables, f"### {family}\n\n{table(rows, list(labels))}"])
                                                + "\n")
+            if not row.error:
+                write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)
         tables.append(f"### {family}\n\n{table(rows, list(labels))}\n\n{against_unet(rows, list(labels))}".rstrip())
         print("\n" + tables[-1], flush=True)
-        if any(not r.error for r in rows):
-            write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)
     print("\n" + "\n\n".join(tables))
     print(f"\nresults: {out_json} (panels: {run_dir}/panel_<family>.png; {time.monotonic() - started_all:.0f} s "
           f"in all)")
