@@ -1,12 +1,14 @@
-"""Segmentation quality on the demo data: upstream nnU-Net's 2D U-Net next to every ViT decoder,
-with and without the detail path, all trained with one budget.
+"""Segmentation quality on synthetic dataset families: upstream nnU-Net's 2D U-Net next to every ViT
+decoder, with and without the detail path, all trained with one budget.
 
 A result of a ViT model means something only next to nnU-Net's own U-Net on the same data and
-budget, so this measures both in one run: it writes the demo dataset (``nnunetv2/vit/demo_data.py``,
-24 training and 6 test fundus images of 256x256), runs upstream's plan and preprocess, trains each
-row on fold 0 for the same epochs, iterations and batch size, predicts the test split with
-nnU-Net's predictor and prints vessel and optic-disc Dice (mean and per case), parameters and
-training time.
+budget, so this measures both in one run. For each family (``--families``: ``demo``, the fundus data
+of ``nnunetv2/vit/demo_data.py``; ``cracks`` and ``oct``, grey images of ``nnunetv2/vit/synthetic_data.py``;
+24 training and 6 test images of 256x256 each) it writes the dataset, runs upstream's plan and
+preprocess, trains each row on fold 0 for the same epochs, iterations and batch size, predicts the
+test split with nnU-Net's predictor and prints a table per family: Dice of every class (mean and per
+case), parameters and training time. A panel per family (image, ground truth and every row's
+prediction for each test case) is written next to the JSON.
 
 - ``unet``: upstream's ``nnUNetTrainer`` and network untouched; only the epochs and iterations are set.
 - ``dpt``, ``upernet``, ``segformer``, ``primus``: ViT-S/16 DINOv3 (random init: no model hub) with the
@@ -14,8 +16,10 @@ training time.
   adds the detail path (``model.decoder.detail_path: true``).
 - ``name=path/to/config.yaml``: any other config, trained with the same budget.
 
-    .venv/bin/python benchmarks/quality.py                    # every row, ~40 min on 2 CPU cores
-    .venv/bin/python benchmarks/quality.py --rows unet dpt_detail mine=my.yaml
+    .venv/bin/python benchmarks/quality.py                    # the demo, every row, ~25-40 min on 2 CPU cores
+    .venv/bin/python benchmarks/quality.py --families all     # every family: the U-Net and the detail rows
+    .venv/bin/python benchmarks/quality.py --families all --quick   # the U-Net and dpt_detail only
+    .venv/bin/python benchmarks/quality.py --families cracks --rows unet dpt_detail mine=my.yaml
 
 Data and preprocessing live in ``--workdir`` (default ``benchmarks/results/quality``) and are reused;
 each run trains into a results folder of its own there. The table is printed and written as JSON
@@ -32,15 +36,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATASET_ID = 999
-DATASET_NAME = "DemoFundus"
+# Each family's nnU-Net dataset (id, name); the demo's is the one the demo itself uses.
+FAMILY_DATASETS: Dict[str, Tuple[int, str]] = {"demo": (999, "DemoFundus"), "cracks": (998, "SynthCracks"),
+                                               "oct": (997, "SynthOCT")}
 DEMO_CONFIG = REPO_ROOT / "nnunetv2" / "configs" / "dpt_demo.yaml"
 # The demo's budget: 10 epochs of 20 iterations (4 validation iterations), the plans' batch size.
 BUDGET = {"num_epochs": 10, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 4}
@@ -52,6 +57,8 @@ SMALL_DECODERS: Dict[str, dict] = {
 }
 DECODERS = ("dpt", "upernet", "segformer", "primus")
 DEFAULT_ROWS = ("unet", *(f"{d}{suffix}" for d in DECODERS for suffix in ("", "_detail")))
+DETAIL_ROWS = ("unet", *(f"{d}_detail" for d in DECODERS))  # the default with a family besides the demo
+QUICK_ROWS = ("unet", "dpt_detail")  # the U-Net and the default small config
 
 
 @dataclass
@@ -60,8 +67,7 @@ class Row:
     config: str  # "upstream nnUNetTrainer" or the YAML written for the row
     params: int = 0
     train_s: float = float("nan")
-    vessel: Dict[str, float] = field(default_factory=dict)  # per test case
-    disc: Dict[str, float] = field(default_factory=dict)
+    dice: Dict[str, Dict[str, float]] = field(default_factory=dict)  # class name -> test case -> Dice
     error: str = ""
 
     @staticmethod
@@ -108,7 +114,7 @@ def user_config(path: Path, name: str, workdir: Path) -> Path:
     return out
 
 
-def train_unet(device: str) -> Path:
+def train_unet(dataset: str, device: str) -> Path:
     """Upstream's trainer and 2D U-Net with only the budget changed; returns the fold folder."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -124,7 +130,7 @@ def train_unet(device: str) -> Path:
             self.num_iterations_per_epoch = BUDGET["num_iterations_per_epoch"]
             self.num_val_iterations_per_epoch = BUDGET["num_val_iterations_per_epoch"]
 
-    folder = Path(nnUNet_preprocessed) / f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
+    folder = Path(nnUNet_preprocessed) / dataset
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False  # what upstream's run_training passes its trainer
     trainer = nnUNetTrainer_budget(plans, "2d", 0, load_json(str(folder / "dataset.json")), torch.device(device))
@@ -132,27 +138,28 @@ def train_unet(device: str) -> Path:
     return Path(trainer.output_folder)
 
 
-def train_vit(name: str, config: Path, device: str) -> Path:
-    """``nnUNetv2_plan_vit.py 999 --config <config> -c 2d_<name>``, then ``nnUNetv2_train_vit.py 999 2d_<name> 0
+def train_vit(name: str, config: Path, dataset: str, device: str) -> Path:
+    """``nnUNetv2_plan_vit.py <id> --config <config> -c 2d_<name>``, then ``nnUNetv2_train_vit.py <id> 2d_<name> 0
     --config <config>``; returns the fold folder."""
     from nnunetv2.vit import plan as plan_cli
     from nnunetv2.vit.train import build_parser, results_folder, run
 
     configuration = f"2d_{name}"
-    plan_cli.run(plan_cli.build_parser().parse_args([str(DATASET_ID), "--config", str(config), "-c", configuration,
+    dataset_id = dataset[len("Dataset"):len("Dataset") + 3]
+    plan_cli.run(plan_cli.build_parser().parse_args([dataset_id, "--config", str(config), "-c", configuration,
                                                      "-np", os.environ["nnUNet_def_n_proc"]]))
-    run(build_parser().parse_args([str(DATASET_ID), configuration, "0", "--config", str(config), "-device", device]))
-    return results_folder(f"Dataset{DATASET_ID:03d}_{DATASET_NAME}", "nnUNetTrainer_vit", "nnUNetPlans",
-                          configuration, "0")
+    run(build_parser().parse_args([dataset_id, configuration, "0", "--config", str(config), "-device", device]))
+    return results_folder(dataset, "nnUNetTrainer_vit", "nnUNetPlans", configuration, "0")
 
 
-def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row) -> None:
-    """Predict the test split with the final checkpoint and fill the row's Dice and parameter count."""
+def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row,
+                      labels: Dict[str, int]) -> None:
+    """Predict the test split with the final checkpoint and fill the row's Dice per class and parameter count."""
     import numpy as np
     import torch
     from PIL import Image
 
-    from nnunetv2.vit.demo import DISC, VESSEL, dice
+    from nnunetv2.vit.demo import dice
     from nnunetv2.vit.predict import predictor_from_trained_model
 
     predictor = predictor_from_trained_model(fold_folder.parent, folds=(0,), device=torch.device(device),
@@ -163,33 +170,111 @@ def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out
     for label_file in sorted((dataset / "labelsTs").glob("*.png")):
         reference = np.asarray(Image.open(label_file))
         prediction = np.asarray(Image.open(out / label_file.name))
-        row.vessel[label_file.stem] = dice(reference, prediction, VESSEL)
-        row.disc[label_file.stem] = dice(reference, prediction, DISC)
+        for name, value in labels.items():
+            row.dice.setdefault(name, {})[label_file.stem] = dice(reference, prediction, value)
 
 
-def table(rows: List[Row]) -> str:
-    """Markdown table: one line per row, per-case vessel Dice in the last column."""
-    lines = ["| row | vessel Dice | disc Dice | params (M) | train s | vessel Dice per case |",
-             "|---|---:|---:|---:|---:|---|"]
+def foreground(labels: Dict[str, int]) -> Dict[str, int]:
+    """The classes Dice is reported for: every label but the background."""
+    return {name: value for name, value in labels.items() if value != 0}
+
+
+def table(rows: List[Row], classes: List[str]) -> str:
+    """Markdown table: one line per row, mean Dice per class, then Dice per test case per class."""
+    lines = ["| row | " + " | ".join(f"{c} Dice" for c in classes) + " | params (M) | train s | "
+             + " | ".join(f"{c} Dice per case" for c in classes) + " |",
+             "|---|" + "---:|" * (len(classes) + 2) + "---|" * len(classes)]
     for row in rows:
         if row.error:
-            lines.append(f"| {row.name} | | | | | failed: {row.error} |")
+            lines.append(f"| {row.name} |" + " |" * (len(classes) * 2 + 1) + f" failed: {row.error} |")
             continue
-        cases = " ".join(f"{v:.3f}" for v in row.vessel.values())
-        lines.append(f"| {row.name} | {row.mean(row.vessel):.3f} | {row.mean(row.disc):.3f} | "
-                     f"{row.params / 1e6:.2f} | {row.train_s:.0f} | {cases} |")
+        means = " | ".join(f"{row.mean(row.dice.get(c, {})):.3f}" for c in classes)
+        cases = " | ".join(" ".join(f"{v:.3f}" for v in row.dice.get(c, {}).values()) for c in classes)
+        lines.append(f"| {row.name} | {means} | {row.params / 1e6:.2f} | {row.train_s:.0f} | {cases} |")
     return "\n".join(lines)
+
+
+def against_unet(rows: List[Row], classes: List[str]) -> str:
+    """Each row next to the ``unet`` row (the issue's target): its gap in mean Dice per class, and the test cases
+    where it falls below 0.5 while the U-Net is above 0.9."""
+    reference = next((r for r in rows if r.name == "unet" and not r.error), None)
+    if reference is None:
+        return ""
+    lines = []
+    for row in rows:
+        if row is reference or row.error:
+            continue
+        gaps = ", ".join(f"{c} {row.mean(row.dice[c]) - reference.mean(reference.dice[c]):+.3f}" for c in classes)
+        failed = [f"{case} {c} {score:.3f} (unet {reference.dice[c][case]:.3f})" for c in classes
+                  for case, score in row.dice[c].items() if score < 0.5 and reference.dice[c].get(case, 0.0) > 0.9]
+        lines.append(f"- {row.name} against unet: {gaps}; below 0.5 where unet > 0.9: {', '.join(failed) or 'none'}")
+    return "\n".join(lines)
+
+
+def write_panel(rows: List[Row], dataset: Path, predictions: Path, out_file: Path, labels: Dict[str, int]) -> None:
+    """One line per test case: the image, the ground truth and each row's prediction with its Dice per class."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    rows = [r for r in rows if not r.error]
+    cases = sorted(p.stem for p in (dataset / "labelsTs").glob("*.png"))
+    top = max(labels.values())
+    fig, axes = plt.subplots(len(cases), 2 + len(rows), figsize=(2.6 * (2 + len(rows)), 2.8 * len(cases)),
+                             squeeze=False)
+    for line, case in zip(axes, cases):
+        panels = [(np.asarray(Image.open(dataset / "imagesTs" / f"{case}_0000.png")), dict(cmap="gray"), case),
+                  (np.asarray(Image.open(dataset / "labelsTs" / f"{case}.png")), dict(cmap="viridis", vmin=0, vmax=top),
+                   "ground truth")]
+        for row in rows:
+            scores = " ".join(f"{c[:6]} {row.dice[c][case]:.2f}" for c in foreground(labels))
+            panels.append((np.asarray(Image.open(predictions / row.name / f"{case}.png")),
+                           dict(cmap="viridis", vmin=0, vmax=top), f"{row.name}\n{scores}"))
+        for ax, (array, style, title) in zip(line, panels):
+            ax.imshow(array, interpolation="nearest", **style)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=80)
+    plt.close(fig)
+
+
+def write_dataset(family: str, raw: Path, size: int) -> Path:
+    """The family's raw dataset (24 training and 6 test images of ``size`` x ``size``), written once and reused."""
+    dataset_id, name = FAMILY_DATASETS[family]
+    if family == "demo":
+        from nnunetv2.vit.demo_data import write_demo_dataset
+
+        return write_demo_dataset(raw, dataset_id, name, num_train=24, num_test=6, size=size)
+    from nnunetv2.vit.synthetic_data import write_synthetic_dataset
+
+    return write_synthetic_dataset(raw, family, dataset_id, num_train=24, num_test=6, size=size)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS),
-                        help=f"rows to run (default: {' '.join(DEFAULT_ROWS)}); name=config.yaml adds a config")
+    parser.add_argument("--families", nargs="+", default=["demo"], choices=[*FAMILY_DATASETS, "all"],
+                        help="dataset families to measure, each with its own table (default: demo; all: "
+                             f"{' '.join(FAMILY_DATASETS)})")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help=f"rows to run (default: {' '.join(DEFAULT_ROWS)} on the demo alone, else "
+                             f"{' '.join(DETAIL_ROWS)}); name=config.yaml adds a config")
+    parser.add_argument("--quick", action="store_true", help=f"a look: only the rows {' '.join(QUICK_ROWS)}")
+    parser.add_argument("--size", type=int, default=256,
+                        help="image size of every family (default 256; smaller for a cheaper look: the U-Net row "
+                             "changes with it, so compare rows of one size only; a workdir holds one size)")
     parser.add_argument("--workdir", default=str(REPO_ROOT / "benchmarks" / "results" / "quality"),
                         help="data, preprocessing and results go here (reused between runs)")
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--markdown", default=None, help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
+    if args.quick and args.rows:
+        parser.error("--quick chooses the rows itself; give --rows or --quick, not both")
+    families = list(FAMILY_DATASETS) if "all" in args.families else list(dict.fromkeys(args.families))
+    specs = args.rows or list(QUICK_ROWS if args.quick else DEFAULT_ROWS if families == ["demo"] else DETAIL_ROWS)
     started_all = time.monotonic()  # the data and preprocessing (first run) count too
 
     workdir = Path(args.workdir).resolve()
@@ -205,46 +290,59 @@ def main(argv: Optional[List[str]] = None) -> None:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
     from nnunetv2.vit.demo import plan
-    from nnunetv2.vit.demo_data import write_demo_dataset
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
     from nnunetv2.vit.cli import get_device
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     get_device(device)  # threads as nnUNetv2_train sets them, for every row alike
-    dataset = write_demo_dataset(workdir / "nnUNet_raw", DATASET_ID, DATASET_NAME, num_train=24, num_test=6, size=256)
-    plan(DATASET_ID, workdir / "nnUNet_preprocessed", dataset.name)
-    if not (workdir / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans_2d").is_dir():  # the U-Net's data
-        preprocess([DATASET_ID], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
-
-    rows: List[Row] = []
-    out_json = run_dir / "quality.json"
     planned = []  # every row's config written (and a typo in --rows refused) before the first training
-    for spec in args.rows:
+    for spec in specs:
         name, _, path = spec.partition("=")
         planned.append((name, None if name == "unet" else (user_config(Path(path), name, run_dir) if path
                                                             else row_config(name, run_dir))))
-    for name, config in planned:
-        row = Row(name, "upstream nnUNetTrainer" if config is None else str(config))
-        print(f"\n=== {name}: training ({'upstream U-Net' if config is None else config})", flush=True)
-        started = time.monotonic()
-        try:
-            fold_folder = train_unet(device) if config is None else train_vit(name, config, device)
-            row.train_s = time.monotonic() - started
-            predict_and_score(nnUNetTrainer if config is None else nnUNetTrainer_vit, fold_folder, dataset,
-                              run_dir / "predictions" / name, device, row)
-        except Exception as err:  # one failing row (a bad config, out of memory) must not lose the others
-            row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        rows.append(row)
-        print(f"=== {name}: vessel Dice {row.mean(row.vessel):.3f}, disc {row.mean(row.disc):.3f}, "
-              f"{row.train_s:.0f} s{' ' + row.error if row.error else ''}", flush=True)
-        out_json.write_text(json.dumps({"device": device, "budget": BUDGET, "torch": torch.__version__,
-                                        "total_s": round(time.monotonic() - started_all),
-                                        "rows": [asdict(r) for r in rows]}, indent=1))
-        if args.markdown:
-            Path(args.markdown).write_text(table(rows) + "\n")
-    print("\n" + table(rows))
-    print(f"\nresults: {out_json} ({time.monotonic() - started_all:.0f} s in all)")
+
+    results: Dict[str, List[Row]] = {}
+    tables: List[str] = []
+    out_json = run_dir / "quality.json"
+    for family in families:
+        dataset = write_dataset(family, workdir / "nnUNet_raw", args.size)
+        dataset_id = FAMILY_DATASETS[family][0]
+        plan(dataset_id, workdir / "nnUNet_preprocessed", dataset.name)
+        if not (workdir / "nnUNet_preprocessed" / dataset.name / "nnUNetPlans_2d").is_dir():  # the U-Net's data
+            preprocess([dataset_id], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
+        labels = foreground(json.loads((dataset / "dataset.json").read_text())["labels"])
+        rows = results[family] = []
+        for name, config in planned:
+            row = Row(name, "upstream nnUNetTrainer" if config is None else str(config))
+            print(f"\n=== {family} / {name}: training ({'upstream U-Net' if config is None else config})", flush=True)
+            started = time.monotonic()
+            try:
+                fold_folder = train_unet(dataset.name, device) if config is None else train_vit(name, config,
+                                                                                                dataset.name, device)
+                row.train_s = time.monotonic() - started
+                predict_and_score(nnUNetTrainer if config is None else nnUNetTrainer_vit, fold_folder, dataset,
+                                  run_dir / "predictions" / family / name, device, row, labels)
+            except Exception as err:  # one failing row (a bad config, out of memory) must not lose the others
+                row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            rows.append(row)
+            means = ", ".join(f"{c} {row.mean(row.dice.get(c, {})):.3f}" for c in labels)
+            print(f"=== {family} / {name}: Dice {means}, {row.train_s:.0f} s{' ' + row.error if row.error else ''}",
+                  flush=True)
+            out_json.write_text(json.dumps({"device": device, "budget": BUDGET, "torch": torch.__version__,
+                                            "total_s": round(time.monotonic() - started_all),
+                                            "families": {f: [asdict(r) for r in rs] for f, rs in results.items()}},
+                                           indent=1))
+            if args.markdown:
+                Path(args.markdown).write_text("\n\n".join([*tables, f"### {family}\n\n{table(rows, list(labels))}"])
+                                               + "\n")
+            if not row.error:
+                write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)
+        tables.append(f"### {family}\n\n{table(rows, list(labels))}\n\n{against_unet(rows, list(labels))}".rstrip())
+        print("\n" + tables[-1], flush=True)
+    print("\n" + "\n\n".join(tables))
+    print(f"\nresults: {out_json} (panels: {run_dir}/panel_<family>.png; {time.monotonic() - started_all:.0f} s "
+          f"in all)")
 
 
 if __name__ == "__main__":

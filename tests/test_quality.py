@@ -1,0 +1,62 @@
+"""benchmarks/quality.py without training: its tables, panels, rows and options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from benchmarks import quality
+
+
+def _row(name: str, crack: list, blob: list) -> quality.Row:
+    row = quality.Row(name, "c.yaml", params=2_500_000, train_s=12.0)
+    row.dice = {"crack": {f"c{i}": v for i, v in enumerate(crack)}, "blob": {f"c{i}": v for i, v in enumerate(blob)}}
+    return row
+
+
+def test_table_has_a_mean_and_per_case_column_for_every_class():
+    rows = [_row("unet", [0.9, 0.8], [0.5, float("nan")]), quality.Row("bad", "x.yaml", error="ValueError: boom")]
+    lines = quality.table(rows, ["crack", "blob"]).splitlines()
+    assert lines[0] == ("| row | crack Dice | blob Dice | params (M) | train s | crack Dice per case | "
+                        "blob Dice per case |")
+    assert lines[2] == "| unet | 0.850 | 0.500 | 2.50 | 12 | 0.900 0.800 | 0.500 nan |"
+    assert lines[3].startswith("| bad |") and lines[3].endswith("failed: ValueError: boom |")
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_panel_shows_every_test_case_and_row(tmp_path):
+    dataset, predictions = tmp_path / "data", tmp_path / "pred"
+    for folder in (dataset / "imagesTs", dataset / "labelsTs", predictions / "unet"):
+        folder.mkdir(parents=True)
+    for case in ("c0", "c1"):
+        Image.fromarray(np.zeros((32, 32), np.uint8)).save(dataset / "imagesTs" / f"{case}_0000.png")
+        Image.fromarray(np.ones((32, 32), np.uint8)).save(dataset / "labelsTs" / f"{case}.png")
+        Image.fromarray(np.ones((32, 32), np.uint8)).save(predictions / "unet" / f"{case}.png")
+    out = tmp_path / "panel.png"
+    quality.write_panel([_row("unet", [0.9, 0.8], [0.5, 0.4])], dataset, predictions, out,
+                        {"background": 0, "crack": 1, "blob": 2})
+    assert Image.open(out).size[1] > Image.open(out).size[0] / 2  # two lines of three panels
+
+
+def test_detail_rows_use_the_demo_config_with_the_detail_path(tmp_path):
+    config = yaml.safe_load(quality.row_config("upernet_detail", tmp_path).read_text())
+    assert config["model"]["model_path"] == "nnunetv2.model.model_upernet"
+    assert config["model"]["decoder"]["detail_path"] is True
+    assert config["train"]["num_epochs"] == quality.BUDGET["num_epochs"]
+    plain = yaml.safe_load(quality.row_config("dpt", tmp_path).read_text())
+    assert "detail_path" not in plain["model"]["decoder"]
+
+
+def test_quick_and_rows_together_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--quick", "--rows", "unet"])
+    assert "--quick chooses the rows itself" in capsys.readouterr().err
+
+
+def test_against_unet_gives_the_gaps_and_the_failed_cases():
+    rows = [_row("unet", [0.95, 0.8], [0.95, 0.3]), _row("vit", [0.9, 0.8], [0.1, 0.2])]
+    assert quality.against_unet(rows, ["crack", "blob"]) == (
+        "- vit against unet: crack -0.025, blob -0.475; below 0.5 where unet > 0.9: c0 blob 0.100 (unet 0.950)")
+    assert quality.against_unet(rows[1:], ["crack"]) == ""
