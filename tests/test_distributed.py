@@ -175,13 +175,13 @@ def test_sigterm_stops_both_nodes_at_one_step_and_continue_resumes_that_epoch(tw
     assert not (fold / ".training.lock").exists()
 
 
-def test_killed_process_with_a_restart_left_resumes_from_the_latest_checkpoint(two_nodes):
-    """One torchrun with two processes. (With two machines a run hung after the restart: torchrun 2.15 restarted
-    the surviving machine's process as a "membership change", TORCHELASTIC_RESTART_COUNT=0, the killed one's as
-    restart 1, and both new processes sat idle for 7 minutes without a log line; the cause was not found.)"""
+@pytest.mark.parametrize("machines", [1, 2])
+def test_killed_process_with_a_restart_left_resumes_from_the_latest_checkpoint(two_nodes, machines):
+    """One torchrun with two processes, and two torchruns of one (torchrun restarts the surviving machine's process
+    as a "membership change", TORCHELASTIC_RESTART_COUNT 0, the killed one's as restart 1)."""
     start, fold, probe = two_nodes
-    results = finish(start(max_restarts=1, machines=1, PROBE_ACTION="kill", PROBE_RANK="1"))
-    assert [code for code, _ in results] == [0], results[0][1][-3000:]
+    results = finish(start(max_restarts=1, machines=machines, PROBE_ACTION="kill", PROBE_RANK="1"))
+    assert [code for code, _ in results] == [0] * machines, results[0][1][-3000:]
     log = training_log(fold)
     assert (f"torchrun restarted the processes (restart 1): continuing from {fold / 'checkpoint_latest.pth'} "
             f"(epoch 1)") in log

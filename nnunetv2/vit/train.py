@@ -420,8 +420,17 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
         torch.cuda.set_device(device)
     else:  # the cores this process may use (SLURM's --cpus-per-task, taskset), shared by this machine's processes
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                            timeout=ddp_timeout())
+    # torchrun's store outlives its restarts (--max-restarts) with the keys of the start before: with env:// the
+    # restarted processes' gloo/NCCL handshake read those and hung. Every process of every start counts itself in,
+    # so the n-th WORLD_SIZE arrivals are start n, whose keys get a prefix of their own. (TORCHELASTIC_RESTART_COUNT
+    # cannot tell starts apart: torchrun does not count a restart caused by another machine's processes.)
+    timeout, world_size = ddp_timeout(), int(os.environ["WORLD_SIZE"])
+    hosts_store = os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=hosts_store,
+                          timeout=timeout)
+    start = (store.add("nnunet_vit/arrivals", 1) - 1) // world_size
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(
+        f"nnunet_vit/start_{start}", store), rank=int(os.environ["RANK"]), world_size=world_size, timeout=timeout)
     return device
 
 
