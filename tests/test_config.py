@@ -109,7 +109,8 @@ def test_defaults_filled_and_empty_checkpoint_means_none():
     assert config.to_dict()["train"] == {
         "initial_lr": 0.01, "weight_decay": 3e-5, "gradient_clip": 12.0, "num_epochs": 1000,
         "num_iterations_per_epoch": 250, "num_val_iterations_per_epoch": 50, "optimizer": "sgd",
-        "warmup_epochs": 0, "precision": "auto", "compile": "auto", "gradient_checkpointing": False,
+        "warmup_epochs": 0, "backbone_lr_scale": 1.0, "layer_decay": 1.0, "decay_norms_and_biases": False,
+        "precision": "auto", "compile": "auto", "gradient_checkpointing": False,
         "batch_size": None, "max_nonfinite_steps": 25, "save_every": 50,
     }
     assert config.lora.target_modules == ["qkv"]
