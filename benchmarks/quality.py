@@ -114,8 +114,10 @@ def user_config(path: Path, name: str, workdir: Path) -> Path:
     return out
 
 
-def train_unet(dataset: str, device: str) -> Path:
-    """Upstream's trainer and 2D U-Net with only the budget changed; returns the fold folder."""
+def train_unet(dataset: str, device: str, budget: Optional[Dict[str, int]] = None,
+               batch_size: Optional[int] = None) -> Path:
+    """Upstream's trainer and 2D U-Net with only the budget (default ``BUDGET``) and, if given, the batch size
+    changed; returns the fold folder."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
@@ -126,13 +128,16 @@ def train_unet(dataset: str, device: str) -> Path:
         def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                      device: torch.device = torch.device("cuda")) -> None:
             super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = BUDGET["num_epochs"]
-            self.num_iterations_per_epoch = BUDGET["num_iterations_per_epoch"]
-            self.num_val_iterations_per_epoch = BUDGET["num_val_iterations_per_epoch"]
+            self.num_epochs = steps["num_epochs"]
+            self.num_iterations_per_epoch = steps["num_iterations_per_epoch"]
+            self.num_val_iterations_per_epoch = steps["num_val_iterations_per_epoch"]
 
+    steps = budget or BUDGET
     folder = Path(nnUNet_preprocessed) / dataset
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False  # what upstream's run_training passes its trainer
+    if batch_size is not None:
+        plans["configurations"]["2d"]["batch_size"] = batch_size
     trainer = nnUNetTrainer_budget(plans, "2d", 0, load_json(str(folder / "dataset.json")), torch.device(device))
     trainer.run_training()
     return Path(trainer.output_folder)

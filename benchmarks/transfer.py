@@ -50,6 +50,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from quality import train_unet  # noqa: E402  (benchmarks/quality.py: upstream's U-Net at a budget)
+
 SOURCE_ID, SOURCE_NAME = 996, "TransferSource"
 TARGET_ID, TARGET_NAME = 997, "TransferTarget"
 VESSEL = 1
@@ -186,31 +188,6 @@ def train_vit(dataset_id: int, configuration: str, config: Path, device: str) ->
     return Path(trainer.output_folder)
 
 
-def train_unet(budget: dict, device: str) -> Path:
-    """Upstream's trainer and 2D U-Net with only the budget changed (as benchmarks/quality.py)."""
-    import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    class nnUNetTrainer_budget(nnUNetTrainer):
-        # Upstream records its __init__ arguments by name, so the signature is spelled out.
-        def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                     device: torch.device = torch.device("cuda")) -> None:
-            super().__init__(plans, configuration, fold, dataset_json, device)
-            self.num_epochs = budget["num_epochs"]
-            self.num_iterations_per_epoch = budget["num_iterations_per_epoch"]
-            self.num_val_iterations_per_epoch = budget["num_val_iterations_per_epoch"]
-
-    folder = Path(nnUNet_preprocessed) / f"Dataset{TARGET_ID:03d}_{TARGET_NAME}"
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    plans["configurations"]["2d"]["batch_size"] = BATCH_SIZE
-    trainer = nnUNetTrainer_budget(plans, "2d", 0, load_json(str(folder / "dataset.json")), torch.device(device))
-    trainer.run_training()
-    return Path(trainer.output_folder)
-
-
 def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row) -> None:
     """Predict the test split with the final checkpoint; fill the row's Dice and trainable parameter count."""
     import torch
@@ -316,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         started = time.monotonic()
         try:
             if name == "unet":
-                fold = train_unet(target_budget, device)
+                fold = train_unet(f"Dataset{TARGET_ID:03d}_{TARGET_NAME}", device, target_budget, BATCH_SIZE)
             else:
                 override = json.loads(json.dumps(ROWS[name]).replace("{backbone}", str(backbone)))
                 config = write_config(merged(merged(BASE_CONFIG, override), {"train": target_budget}),
