@@ -24,7 +24,8 @@ from timm.models import adapt_input_conv, get_pretrained_cfg
 from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter
 from timm.models.vision_transformer import checkpoint_filter_fn as vit_checkpoint_filter
 
-from nnunetv2.model.checkpoint_io import CorruptCheckpointError, read_checkpoint
+from nnunetv2.model.checkpoint_io import read_checkpoint
+from nnunetv2.model.errors import BackboneWeightsError, CheckpointReadError
 
 _logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ Statistics = Tuple[Tuple[float, ...], Tuple[float, ...]]  # per-RGB-channel mean
 # 0.9, not lower: a checkpoint of a sibling family (dinov3 file into dinov2) still matches ~79%
 # (blocks' linear layers) while its position embedding, biases and layer scales stay random.
 MIN_MATCHED_FRACTION = 0.9
-
-
-class BackboneWeightsError(RuntimeError):
-    """Backbone weights cannot be had: no download, a missing, unreadable or non-matching checkpoint file."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +262,9 @@ def create_backbone(
         tag = f"{timm_name}.{family.pretrained_tag}"
         try:
             model = timm.create_model(tag, pretrained=True, **kwargs)
-        except Exception as err:  # hub/network errors come in many types; all mean the same to the user
+        # The hub's errors are all OSErrors (huggingface_hub 2.4: offline, no network and a missing cache entry are
+        # LocalEntryNotFoundError; HTTP failures HfHubHTTPError, a gated repository GatedRepoError), as is a full cache.
+        except OSError as err:
             raise BackboneWeightsError(
                 f"Could not download pretrained weights for '{tag}' ({type(err).__name__}: {err}). "
                 f"If this machine is offline, download the weights elsewhere and set model.checkpoint_path "
@@ -315,7 +314,7 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
     """
     try:
         checkpoint = read_checkpoint(path, trust=trust, opt_in="set model.trust_checkpoint: true in the config")
-    except (CorruptCheckpointError, FileNotFoundError) as err:
+    except (CheckpointReadError, FileNotFoundError) as err:
         raise BackboneWeightsError(str(err)) from err
     state_dict = _unwrap_state_dict(checkpoint, family)
     file_keys = list(state_dict)[:5]
@@ -324,7 +323,10 @@ def load_backbone_checkpoint(model: nn.Module, path: Path, family: BackboneFamil
         state_dict = family.checkpoint_filter(state_dict, model)
     except BackboneWeightsError as err:
         raise BackboneWeightsError(f"Checkpoint {path}: {err}") from err
-    except Exception as err:  # timm's filters assume their own family's layout (e.g. dinov2's pos_embed in dinov3)
+    # timm's filters assume their own family's layout (e.g. dinov2's pos_embed in dinov3): another layout fails where
+    # it meets their code, on a missing key (KeyError, or AttributeError of a ``.get`` that gave None), an index, a
+    # type or a tensor shape.
+    except (KeyError, AttributeError, IndexError, TypeError, ValueError, RuntimeError) as err:
         raise BackboneWeightsError(
             f"Checkpoint {path} does not fit backbone {name}: converting it failed ({type(err).__name__}: {err}). "
             f"Check that model.backbone names the model this file holds. {_file_formats(path, family, file_keys)}"

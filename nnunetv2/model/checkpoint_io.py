@@ -16,13 +16,16 @@ import contextlib
 import json
 import logging
 import pickle
-import re
+import zipfile
 from pathlib import Path
 from typing import Any, List, Union
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+
+from nnunetv2.model.errors import CheckpointReadError, UntrustedCheckpointError
 
 _logger = logging.getLogger(__name__)
 
@@ -46,19 +49,12 @@ SAFE_GLOBALS: List[Any] = [
 ]
 
 
-class UntrustedCheckpointError(Exception):
-    """A checkpoint file holds objects beyond plain data; loading it could run code."""
-
-
-class CorruptCheckpointError(Exception):
-    """A checkpoint file cannot be read at all: corrupt or truncated."""
-
-
 def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "", mmap: bool = False) -> Any:
     """Load a checkpoint on the CPU as data; with ``trust`` (the user's word for this file) as a full pickle.
 
     ``opt_in`` tells the user how to trust the file (e.g. "set model.trust_checkpoint: true"). Raises
-    ``UntrustedCheckpointError`` or ``CorruptCheckpointError`` with one-line messages naming the file.
+    ``UntrustedCheckpointError`` or ``CheckpointReadError`` with one-line messages naming the file
+    (``FileNotFoundError`` for a file that is not there).
     A folder is read as transformers writes one; a safetensors file (told by its header, not its name) holds only
     tensors, so ``trust`` and ``mmap`` do not apply to it.
     """
@@ -68,7 +64,7 @@ def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "
     if _is_safetensors(path):
         try:
             return load_safetensors(path, device="cpu")
-        except Exception as err:  # SafetensorError, or an OSError of the file system
+        except (SafetensorError, OSError) as err:  # a broken header or data, or the file system's failure
             raise _corrupt(path, err) from err
     if trust:
         _logger.warning("Loading %s as a full pickle (trusted by the user): it can run code.", path)
@@ -76,18 +72,38 @@ def read_checkpoint(path: Union[str, Path], trust: bool = False, opt_in: str = "
         with contextlib.nullcontext() if trust else torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=not trust, mmap=mmap)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found is None:
+        if trust:
             raise _corrupt(path, err) from err
-        raise UntrustedCheckpointError(
-            f"Checkpoint {path} holds the Python object '{found.group(1)}', which is not plain data: loading it "
-            f"could run code. If you trust this file, {opt_in or 'load it with trust'}.") from None
+        fix = f"If you trust this file, {opt_in or 'load it with trust'}."
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UntrustedCheckpointError(
+                f"Checkpoint {path} holds the Python object '{unsafe[0].removeprefix('builtins.')}', which is not "
+                f"plain data: loading it could run code. {fix}") from None
+        if not zipfile.is_zipfile(path):  # torch lists the objects of its zip format only
+            raise CheckpointReadError(
+                f"Checkpoint {path} is not in torch's zip format (written by torch < 1.6, or no checkpoint) and does "
+                f"not load as plain data: it holds other objects or is corrupt. {fix}") from None
+        raise _corrupt(path, err) from err
     except FileNotFoundError:
         raise
     except OSError as err:  # permissions, a vanished share: the system's own words
-        raise CorruptCheckpointError(f"Cannot read checkpoint {path}: {err}") from err
-    except Exception as err:  # unpickling garbage fails in any way (IndexError, KeyError, ...): all mean the same
+        raise CheckpointReadError(f"Cannot read checkpoint {path}: {err}") from err
+    # Any other failure means the same, that the bytes are no checkpoint: unpickling garbage raises whatever the
+    # bytes happen to trigger (EOFError, IndexError, KeyError, RuntimeError of the zip reader, ...), and a trusted
+    # file runs its own code, which may raise anything.
+    except Exception as err:
         raise _corrupt(path, err) from err
+
+
+def _unsafe_globals(path: Path) -> List[str]:
+    """The objects beyond ``SAFE_GLOBALS`` a checkpoint's pickle names (``module.name``), as torch lists them;
+    none for a file torch cannot list (the legacy format of torch < 1.6, or garbage)."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except (ValueError, RuntimeError, pickle.UnpicklingError, OSError):
+        return []
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -121,6 +137,7 @@ def _read_transformers_folder(path: Path) -> dict:
     return state_dict
 
 
-def _corrupt(path: Union[str, Path], err: Exception) -> CorruptCheckpointError:
+def _corrupt(path: Union[str, Path], err: Exception) -> CheckpointReadError:
+    """The one-line error for a file that is no checkpoint, with the reader's reason."""
     reason = " ".join(str(err).split())[:200] or type(err).__name__
-    return CorruptCheckpointError(f"Cannot read checkpoint {path}: {reason}. The file is corrupt or truncated.")
+    return CheckpointReadError(f"Cannot read checkpoint {path}: {reason}. The file is corrupt or truncated.")
