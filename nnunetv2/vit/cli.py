@@ -9,20 +9,10 @@ from typing import Callable
 
 import torch
 
-from nnunetv2.model.backbone import BackboneWeightsError
-from nnunetv2.model.checkpoint_io import UntrustedCheckpointError
-from nnunetv2.vit.errors import (
-    CheckpointReadError, CheckpointWriteError, CompileError, ConfigError, NonFiniteTrainingError, OutOfMemoryError,
-)
+from nnunetv2.vit.errors import USER_ERRORS, ConfigError
 # What the training command uses of the worker lifetime module (which every spawned worker imports).
 from nnunetv2.vit.lifetime import die_with_parent as die_with_parent
 from nnunetv2.vit.lifetime import end_forked_workers_with_this_process as end_forked_workers_with_this_process
-
-# Errors whose message already tells the user what to fix: shown as one line, exit code 2.
-# Only this project's own classes: a built-in error (FileNotFoundError, ...) is a bug and keeps its traceback.
-USER_ERRORS = (ConfigError, BackboneWeightsError, NonFiniteTrainingError, CheckpointReadError, CheckpointWriteError,
-               CompileError, UntrustedCheckpointError, OutOfMemoryError)
-
 
 def dataset_name(dataset_name_or_id: str) -> str:
     """Upstream's dataset id/name lookup, with its failure as a user error."""

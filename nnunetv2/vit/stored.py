@@ -17,9 +17,9 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnunetv2.model.checkpoint_io import CorruptCheckpointError, UntrustedCheckpointError, read_checkpoint
+from nnunetv2.model.checkpoint_io import read_checkpoint
 from nnunetv2.vit.config import ViTConfig
-from nnunetv2.vit.errors import CheckpointReadError, ConfigError
+from nnunetv2.vit.errors import CheckpointReadError, ConfigError, UntrustedCheckpointError
 
 VIT_CONFIG_KEY = "vit_config"
 WEIGHT_SOURCES = ("checkpoint_path", "pretrained", "trust_checkpoint")  # where weights come from, not the network
@@ -90,8 +90,6 @@ def read_training_checkpoint(path: Union[str, Path], mmap: bool = False, trust: 
         return read_checkpoint(path, trust=trust, mmap=mmap, opt_in="pass --trust_checkpoint to the command")
     except FileNotFoundError as err:
         raise CheckpointReadError(f"Checkpoint {path} not found.") from err
-    except CorruptCheckpointError as err:
-        raise CheckpointReadError(str(err)) from err
 
 
 def network_weights(checkpoint: dict) -> dict:

@@ -27,11 +27,13 @@ import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunetv2.vit.cli import (
-    USER_ERROR_EXIT_CODE, USER_ERRORS, dataset_name, die_with_parent, end_forked_workers_with_this_process,
+    USER_ERROR_EXIT_CODE, dataset_name, die_with_parent, end_forked_workers_with_this_process,
     get_device, run_main,
 )
 from nnunetv2.vit.config import ViTConfig, load_config
-from nnunetv2.vit.errors import CheckpointReadError, ConfigError, OutOfMemoryError, TrainingStopped
+from nnunetv2.vit.errors import (
+    USER_ERRORS, CheckpointReadError, ConfigError, OutOfMemoryError, TrainingStopped, out_of_memory,
+)
 from nnunetv2.vit.plan import PROG as PLAN_PROG, BASE, PLAN_KEY, default_configuration_name, resolve_normalization
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
@@ -293,9 +295,7 @@ def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict,
         trainer.perform_actual_validation(args.npz)
 
 
-# What torch's allocators and nnU-Net's data loader say when memory runs out.
-OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
-                 "CUDA out of memory", "MPS backend out of memory")
+# What nnU-Net's data loader (batchgenerators) raises, as a plain RuntimeError, when a worker process died.
 WORKERS_DIED = "background workers are no longer alive"
 
 
@@ -305,13 +305,12 @@ def out_of_memory_is_one_line(trainer: nnUNetTrainer_vit) -> Iterator[None]:
     said in one line with the settings that lower it, not an allocator traceback."""
     try:
         yield
-    except (torch.OutOfMemoryError, RuntimeError) as err:
-        message = str(err)
-        if not isinstance(err, torch.OutOfMemoryError) and not any(text in message for text in OUT_OF_MEMORY) \
-                and WORKERS_DIED not in message:
+    except RuntimeError as err:  # torch.OutOfMemoryError is one
+        workers_died = WORKERS_DIED in str(err)
+        if not out_of_memory(err) and not workers_died:
             raise
         what = ("nnU-Net's data-augmentation workers died (the messages above say why; often memory)"
-                if WORKERS_DIED in message else f"Out of {trainer.device.type} memory")
+                if workers_died else f"Out of {trainer.device.type} memory")
         patch = "x".join(str(size) for size in trainer.configuration_manager.patch_size)
         raise OutOfMemoryError(
             f"{what} at batch size {trainer.batch_size} of {patch} patches: lower train.batch_size, set "
