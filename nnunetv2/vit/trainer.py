@@ -7,9 +7,8 @@ without the YAML file or any download.
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
-import shutil
 import signal
 import time
 from typing import Dict, List, Optional, Union
@@ -565,20 +564,27 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.compile_log.close()
 
     def save_checkpoint(self, filename: str) -> None:
-        """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one."""
-        if self.local_rank != 0:
-            return  # only rank 0 writes (as upstream); another rank must not move its half-written file
+        """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one.
+
+        The temporary file is one we open and hand to upstream (which passes it on to ``torch.save``): a failed
+        write then raises the system's OSError (``errno.ENOSPC`` for a full disk), where ``torch.save`` given a
+        path raises an internal RuntimeError ("unexpected pos").
+        """
+        if self.local_rank != 0 or self.disable_checkpointing:
+            super().save_checkpoint(filename)  # writes nothing (only rank 0 writes; upstream logs a disabled one)
+            return
         partial = f"{filename}.partial"
         try:
-            super().save_checkpoint(partial)
-            if os.path.isfile(partial):
-                os.replace(partial, filename)
-        except (OSError, RuntimeError) as err:  # a full disk, a quota, a vanished share (torch.save: RuntimeError)
-            if os.path.exists(partial):
-                os.remove(partial)
+            with open(partial, "wb") as file:
+                super().save_checkpoint(file)
+            os.replace(partial, filename)
+        except OSError as err:  # a full disk, a quota, a vanished share
             raise CheckpointWriteError(
-                f"Cannot write checkpoint {filename}: {write_failure(err, os.path.dirname(filename))}. The previous "
-                f"checkpoint is intact; free disk space (or fix the folder), then resume with --c.") from err
+                f"Cannot write checkpoint {filename}: {err}. The previous checkpoint is intact; free disk space (or "
+                f"fix the folder), then resume with --c.") from err
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)  # what a failed write left (after the rename there is nothing to remove)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
         """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own
@@ -602,16 +608,6 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self._load_optimizer_state(checkpoint["optimizer_state"], name)
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
-
-
-def write_failure(err: BaseException, folder: str) -> str:
-    """Why a write failed, in the system's words: torch.save reports a full disk as an internal RuntimeError
-    ("enforce fail at inline_container.cc ... unexpected pos"), so the disk is asked."""
-    if isinstance(err, OSError):
-        return str(err)
-    if shutil.disk_usage(folder).free < 2 ** 24:
-        return f"[Errno {errno.ENOSPC}] {os.strerror(errno.ENOSPC)}"
-    return " ".join(str(err).split())[:200]
 
 
 def find_trainer_class(name: str) -> type:
