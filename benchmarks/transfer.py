@@ -2,23 +2,28 @@
 
 1. Source task: the demo's colour-fundus data (``nnunetv2/vit/demo_data.py``, 24 training images, drawn at
    128x128). A ViT-S/16 DINOv3-architecture DPT (random init: no model hub here) trains on it for
-   ``SOURCE_BUDGET`` (twice the target rows' budget).
+   ``SOURCE_BUDGET`` (twice the target rows' budget), without the detail path, so that the backbone alone has to
+   learn the source's structures.
 2. Its backbone is exported as a timm state dict with ``nnUNetv2_export_backbone_vit.py`` (the file a user brings
    as ``model.checkpoint_path``).
 3. Target task: a different synthetic family (``make_target_case``): grey angiogram-like images, BRIGHT vessels on
    a dark background (the source's are dark on orange), 1.6x wider, no optic-disc label, 128x128; 8 labelled
    cases (fold 0 trains on 6, validates on 2) and 8 held-out test cases.
 4. Every row trains on the target with one budget (``TARGET_BUDGET``, batch 2) and predicts the test split:
-   - ``random``: the same DPT from random weights;
+   - ``random``: the demo's DPT (detail path on) from random weights;
    - ``full``: pretrained, every parameter at the same learning rate;
+   - ``backbone_lr``: pretrained, the backbone at 0.1 x the decoder's learning rate (Depth-Anything-V2;
+     ``dpt_finetune_full.yaml``);
    - ``layer_decay``: pretrained, backbone lr 0.1 x (Depth-Anything-V2) and layer decay 0.65 (RETFound);
    - ``frozen``: pretrained, ``model.freeze_backbone: true`` (DINOv3's evaluation regime);
+   - ``frozen_random``: the control for ``frozen``: the same, with a frozen random backbone;
    - ``lora``: pretrained + LoRA r8 on qkv;
    - ``unet``: upstream's ``nnUNetTrainer`` and 2D U-Net, the same data and budget.
-   The ViT rows use the DPT without the detail path (its convolutions on the full-resolution image would carry
-   much of the result, whatever the backbone), AdamW 1e-3 with 1 warm-up epoch (the demo's settings). Rows are
-   trained as ``nnUNetv2_train_vit.py`` trains them but without the final validation of fold 0 (the U-Net row
-   likewise), and the test split is predicted in this process: worker start-ups cost minutes on a busy CPU.
+   The ViT rows use the demo's settings (AdamW 1e-3, 1 warm-up epoch) and its detail path: without it a patch-16
+   ViT resolves these vessels too coarsely for its backbone to matter (at 128x128 every row, a frozen random
+   backbone included, ended at 0.50-0.52 Dice: ``benchmarks/RESULTS.md``). Rows are trained as
+   ``nnUNetv2_train_vit.py`` trains them but without the final validation of fold 0 (the U-Net row likewise), and
+   the test split is predicted in this process: worker start-ups cost minutes on a busy CPU.
 
 Printed per row: test vessel Dice (mean and per case), trainable parameters, training time.
 
@@ -62,21 +67,25 @@ BATCH_SIZE = 2
 SOURCE_SIZE, TARGET_SIZE, TARGET_TRAIN, TARGET_TEST = 128, 128, 8, 8
 SMOKE = {"source_epochs": 2, "target_epochs": 2, "iterations": 2, "size": 64, "train": 5, "test": 2}
 
-# The demo's DPT (nnunetv2/configs/dpt_demo.yaml) without the detail path.
+# The demo's DPT (nnunetv2/configs/dpt_demo.yaml): every target row with its detail path, the source without it, so
+# that the backbone alone has to learn the source's structures.
+DECODER = {"fusion_hidden_size": 64, "neck_hidden_sizes": [48, 96, 192, 384], "readout_type": "project"}
 BASE_CONFIG = {
     "model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
-              "pretrained": False, "decoder": {"fusion_hidden_size": 64, "neck_hidden_sizes": [48, 96, 192, 384],
-                                               "readout_type": "project"}},
+              "pretrained": False, "decoder": {**DECODER, "detail_path": True}},
     "train": {"optimizer": "adamw", "initial_lr": 1e-3, "weight_decay": 1e-4, "warmup_epochs": 1, "gradient_clip": 1.0,
               "batch_size": BATCH_SIZE},
 }
+SOURCE = {"model": {"decoder": DECODER}}
 # What each pretrained row changes; {backbone} is the exported file.
 ROWS: Dict[str, dict] = {
     "random": {},
     "full": {"model": {"checkpoint_path": "{backbone}"}},
+    "backbone_lr": {"model": {"checkpoint_path": "{backbone}"}, "train": {"backbone_lr_scale": 0.1}},
     "layer_decay": {"model": {"checkpoint_path": "{backbone}"},
                     "train": {"backbone_lr_scale": 0.1, "layer_decay": 0.65}},
     "frozen": {"model": {"checkpoint_path": "{backbone}", "freeze_backbone": True}},
+    "frozen_random": {"model": {"freeze_backbone": True}},  # the control: what the frozen row owes its backbone
     "lora": {"model": {"checkpoint_path": "{backbone}"}, "lora": {"enabled": True, "r": 8, "target_modules": ["qkv"]}},
     "unet": {},
 }
@@ -86,12 +95,34 @@ ROWS: Dict[str, dict] = {
 class Row:
     name: str
     trainable: int = 0
-    train_s: float = float("nan")
-    vessel: Dict[str, float] = field(default_factory=dict)  # per test case
+    train_s: List[float] = field(default_factory=list)  # per seed
+    vessel: List[Dict[str, float]] = field(default_factory=list)  # per seed: test vessel Dice per case
     error: str = ""
 
     def mean(self) -> float:
-        return float(np.nanmean(list(self.vessel.values()))) if self.vessel else float("nan")
+        """Test vessel Dice over every case of every seed."""
+        values = [v for run in self.vessel for v in run.values()]
+        return float(np.mean(values)) if values else float("nan")
+
+    def seed_means(self) -> List[float]:
+        return [float(np.mean(list(run.values()))) for run in self.vessel]
+
+    def case_means(self) -> List[float]:
+        """Each test case's Dice, averaged over the seeds."""
+        return [float(np.mean([run[case] for run in self.vessel])) for case in self.vessel[0]] if self.vessel else []
+
+
+def seed_everything(seed: int) -> None:
+    """Make a training run repeatable on the CPU: augmentation in this process (``nnUNet_n_proc_DA=0``, upstream's
+    single-threaded augmenter) and every random generator it and the model draw from seeded."""
+    import random
+
+    import torch
+
+    os.environ["nnUNet_n_proc_DA"] = "0"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def make_target_case(rng: np.random.Generator, size: int) -> tuple:
@@ -189,7 +220,8 @@ def train_vit(dataset_id: int, configuration: str, config: Path, device: str) ->
 
 
 def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row) -> None:
-    """Predict the test split with the final checkpoint; fill the row's Dice and trainable parameter count."""
+    """Predict the test split with the final checkpoint; add the run's Dice per case to the row, and set its trainable
+    parameter count."""
     import torch
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
     from PIL import Image
@@ -201,22 +233,26 @@ def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out
                                              trainer_class=trainer_class)
     row.trainable = sum(p.numel() for p in predictor.network.parameters() if p.requires_grad)
     out.mkdir(parents=True, exist_ok=True)
+    scores: Dict[str, float] = {}
     for label_file in sorted((dataset / "labelsTs").glob("*.png")):  # in this process: no worker start-up costs
         image, properties = NaturalImage2DIO().read_images([str(dataset / "imagesTs" / f"{label_file.stem}_0000.png")])
         prediction = predictor.predict_single_npy_array(image, properties)[0].astype(np.uint8)
         Image.fromarray(prediction).save(out / label_file.name)
-        row.vessel[label_file.stem] = dice(np.asarray(Image.open(label_file)), prediction, VESSEL)
+        scores[label_file.stem] = dice(np.asarray(Image.open(label_file)), prediction, VESSEL)
+    row.vessel.append(scores)
 
 
 def table(rows: List[Row]) -> str:
-    lines = ["| row | test vessel Dice | trainable params (M) | train s | Dice per test case |",
-             "|---|---:|---:|---:|---|"]
+    lines = ["| row | test vessel Dice | per seed | trainable params (M) | train s per run | Dice per test case (mean "
+             "over seeds) |", "|---|---:|---|---:|---:|---|"]
     for row in rows:
         if row.error:
-            lines.append(f"| {row.name} | | | | failed: {row.error} |")
+            lines.append(f"| {row.name} | | | | | failed: {row.error} |")
             continue
-        cases = " ".join(f"{v:.3f}" for v in row.vessel.values())
-        lines.append(f"| {row.name} | {row.mean():.3f} | {row.trainable / 1e6:.2f} | {row.train_s:.0f} | {cases} |")
+        seeds = " ".join(f"{v:.3f}" for v in row.seed_means())
+        cases = " ".join(f"{v:.3f}" for v in row.case_means())
+        lines.append(f"| {row.name} | {row.mean():.3f} | {seeds} | {row.trainable / 1e6:.2f} | "
+                     f"{np.mean(row.train_s):.0f} | {cases} |")
     return "\n".join(lines)
 
 
@@ -227,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="data, preprocessing, the exported backbone and results go here (reused between runs)")
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="train and score each row this many times, with seeds 0, 1, ... (default: 1)")
     parser.add_argument("--smoke", action="store_true",
                         help="the smallest setting (64x64 images, 1 epoch of 2 iterations): checks that it runs")
     args = parser.parse_args(argv)
@@ -273,7 +311,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         source = write_demo_dataset(workdir / "nnUNet_raw", SOURCE_ID, SOURCE_NAME, num_train=24 if not args.smoke
                                     else num_train, num_test=0, size=source_size)
         plan(SOURCE_ID, preprocessed, source.name)
-        config = write_config(merged(BASE_CONFIG, {"train": source_budget}), run_dir / "configs" / "source.yaml")
+        config = write_config(merged(merged(BASE_CONFIG, SOURCE), {"train": source_budget}),
+                              run_dir / "configs" / "source.yaml")
+        seed_everything(0)
         started = time.monotonic()
         fold = train_vit(SOURCE_ID, "2d_source", config, device)
         print(f"=== source: trained in {time.monotonic() - started:.0f} s", flush=True)
@@ -289,27 +329,30 @@ def main(argv: Optional[List[str]] = None) -> None:
     out_json = run_dir / "transfer.json"
     for name in args.rows:
         row = Row(name)
-        print(f"\n=== {name}: training on the target data", flush=True)
-        started = time.monotonic()
         try:
-            if name == "unet":
-                fold = train_unet(f"Dataset{TARGET_ID:03d}_{TARGET_NAME}", device, target_budget, BATCH_SIZE)
-            else:
-                override = json.loads(json.dumps(ROWS[name]).replace("{backbone}", str(backbone)))
-                config = write_config(merged(merged(BASE_CONFIG, override), {"train": target_budget}),
-                                      run_dir / "configs" / f"{name}.yaml")
-                fold = train_vit(TARGET_ID, f"2d_{name}", config, device)
-            row.train_s = time.monotonic() - started
-            predict_and_score(nnUNetTrainer if name == "unet" else nnUNetTrainer_vit, fold, dataset,
-                              run_dir / "predictions" / name, device, row)
+            for seed in range(args.seeds):
+                print(f"\n=== {name}, seed {seed}: training on the target data", flush=True)
+                seed_everything(seed)
+                started = time.monotonic()
+                if name == "unet":
+                    fold = train_unet(f"Dataset{TARGET_ID:03d}_{TARGET_NAME}", device, target_budget, BATCH_SIZE)
+                else:
+                    override = json.loads(json.dumps(ROWS[name]).replace("{backbone}", str(backbone)))
+                    config = write_config(merged(merged(BASE_CONFIG, override), {"train": target_budget}),
+                                          run_dir / "configs" / f"{name}.yaml")
+                    fold = train_vit(TARGET_ID, f"2d_{name}", config, device)
+                row.train_s.append(time.monotonic() - started)
+                predict_and_score(nnUNetTrainer if name == "unet" else nnUNetTrainer_vit, fold, dataset,
+                                  run_dir / "predictions" / name / f"seed{seed}", device, row)
+                print(f"=== {name}, seed {seed}: test vessel Dice {row.seed_means()[-1]:.3f}, {row.trainable:,} "
+                      f"trainable parameters, {row.train_s[-1]:.0f} s", flush=True)
         except Exception as err:  # one failing row must not lose the others
             row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            print(f"=== {name}: {row.error}", flush=True)
         rows.append(row)
-        print(f"=== {name}: test vessel Dice {row.mean():.3f}, {row.trainable:,} trainable parameters, "
-              f"{row.train_s:.0f} s{' ' + row.error if row.error else ''}", flush=True)
         out_json.write_text(json.dumps({"device": device, "source_budget": source_budget,
                                         "target_budget": target_budget, "batch_size": BATCH_SIZE,
-                                        "total_s": round(time.monotonic() - started_all),
+                                        "seeds": args.seeds, "total_s": round(time.monotonic() - started_all),
                                         "rows": [asdict(r) for r in rows]}, indent=1))
         if args.markdown:
             Path(args.markdown).write_text(table(rows) + "\n")
