@@ -233,7 +233,7 @@ class ViTExperimentPlanner(ExperimentPlanner):
             "patch_size": patch_why,
             "batch_size": batch_why,
             "memory_model": {"fixed_bytes": memory.fixed_bytes, "per_image_bytes": memory.per_image_bytes,
-                             "target_gb": self.UNet_vram_target_GB, "precision": planned_precision(config),
+                             "target_gb": float(self.UNet_vram_target_GB), "precision": planned_precision(config),
                              "optimizer": config.train.optimizer,
                              "gradient_checkpointing": config.train.gradient_checkpointing,
                              "freeze_backbone": config.model.freeze_backbone, "lora": config.lora.enabled},
