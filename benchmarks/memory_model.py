@@ -3,7 +3,8 @@
 Prints, for each calibration row, the modelled peak of a training step next to the peak measured earlier on an
 H200 (``torch.cuda.max_memory_allocated``; the figures are in ``MEASURED`` with where they come from), and with
 ``--measure`` on a CUDA machine measures the row again. Then the batch sizes ``nnUNetv2_plan_vit.py`` plans for
-ViT-S and ViT-L DPT at 512x512 for memory targets of 8, 24 and 70 GB, before a dataset's 5% cap.
+ViT-S and ViT-L DPT at 512x512 for memory targets of 8, 24 and 70 GB, before nnU-Net's minimum batch and a
+dataset's 5% cap (its planner applies both).
 
     .venv/bin/python benchmarks/memory_model.py             # the model only: any machine, seconds
     python benchmarks/memory_model.py --measure             # and measured peaks (CUDA)
@@ -23,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nnunetv2.model.memory import AUTOCAST_DTYPES, training_memory  # noqa: E402
 from nnunetv2.vit.config import ViTConfig, build_model, quiet_model_logs, validate_config  # noqa: E402
-from nnunetv2.vit.plan import MIN_BATCH_SIZE  # noqa: E402
 
 GIB = 2 ** 30
 LIGHT_NECK = {"neck_hidden_sizes": [256, 512, 1024, 1024]}  # [E/4, E/2, E, E] for ViT-L
@@ -115,10 +115,7 @@ def planned_batches(targets_gb=(8, 24, 70), size: int = 512) -> List[str]:
         memory = modelled(Row(f"ViT-{backbone_size}", size, 1, decoder, backbone_size=backbone_size))
         cells = []
         for target in targets_gb:
-            fits = memory.largest_batch(target * 1e9)
-            cells.append(str(fits) if fits >= MIN_BATCH_SIZE else
-                         f"{MIN_BATCH_SIZE} (minimum; {fits} fit, {MIN_BATCH_SIZE} need "
-                         f"{memory.peak_bytes(MIN_BATCH_SIZE) / 1e9:.1f} GB)")
+            cells.append(str(memory.largest_batch(target * 1e9)))
         lines.append(f"| ViT-{backbone_size[0].upper()}/16 DINOv3, seed neck | {memory.fixed_bytes / 1e9:.2f} + "
                      f"{memory.per_image_bytes / 1e9:.3f} | " + " | ".join(cells) + " |")
     return lines

@@ -257,13 +257,13 @@ def test_exported_backbone_loads_with_the_same_features(tmp_path, lora, capsys):
 def test_planner_gives_a_frozen_backbone_larger_batches(nnunet_env):
     from nnunetv2.vit import plan as plan_cli
 
-    _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
-    many_cases = {**dataset_json, "numTraining": 10 ** 6}  # the 5% cap far away
+    _, plans, _ = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
     planned = {}
     for freeze in (False, True):
         config = validate_config({"model": {**TINY_MODEL, "normalization": "backbone", "freeze_backbone": freeze}})
-        entry = plan_cli.plan_configuration(plans, many_cases, config, "2d_vit", "nnUNetPlans", 0.5)[
-            "configurations"]["2d_vit"]
+        planner = plan_cli.ViTExperimentPlanner(DATASET_ID, config, "2d_vit", gpu_memory_target_in_gb=0.5)
+        planner.dataset_json = {**planner.dataset_json, "numTraining": 10 ** 6}  # the 5% cap far away
+        entry = planner.plan_configuration(plans)["configurations"]["2d_vit"]
         planned[freeze] = entry
         assert entry["vit_plan"]["memory_model"]["freeze_backbone"] is freeze
     assert planned[True]["batch_size"] > 2 * planned[False]["batch_size"]

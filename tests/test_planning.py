@@ -51,8 +51,16 @@ def own_dataset(nnunet_env, tmp_path, monkeypatch):
     return raw / dataset.name, preprocessed / dataset.name, results
 
 
-def plans_and_dataset_json(folder: Path):
-    return load_json(str(folder / "nnUNetPlans.json")), load_json(str(folder / "dataset.json"))
+def plans_of(folder: Path) -> dict:
+    return load_json(str(folder / "nnUNetPlans.json"))
+
+
+def vit_planner(config: ViTConfig, name: str = "2d_vit", target: float = 8,
+                **dataset_json) -> plan_cli.ViTExperimentPlanner:
+    """The planner of the test dataset for ``config``, with entries of its dataset.json changed (``numTraining``)."""
+    planner = plan_cli.ViTExperimentPlanner(DATASET_ID, config, name, gpu_memory_target_in_gb=target)
+    planner.dataset_json = {**planner.dataset_json, **dataset_json}
+    return planner
 
 
 # --- the memory model ---------------------------------------------------------------------------------------------
@@ -116,16 +124,6 @@ def test_largest_batch_fits_the_budget():
 
 # --- planning -----------------------------------------------------------------------------------------------------
 
-def test_upstream_batch_rules_still_match(own_dataset):
-    """The 5% cap and the minimum batch are upstream's ExperimentPlanner's; notice if upstream changes them."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-
-    planner = ExperimentPlanner(DATASET_ID)
-    assert planner.max_dataset_covered == plan_cli.MAX_DATASET_COVERED
-    assert planner.UNet_min_batch_size == plan_cli.MIN_BATCH_SIZE
-    assert plan_cli.default_gpu_memory_target_gb() == planner.UNet_vram_target_GB
-
-
 def test_patch_size_is_aligned_to_the_token_grid():
     assert plan_cli.aligned_patch_size([512, 512], 28) == [504, 504]  # dinov2 (patch 14) with DPT's 0.5x level
     assert plan_cli.aligned_patch_size([512, 512], 32) == [512, 512]  # dinov3 (patch 16)
@@ -139,10 +137,10 @@ def test_patch_size_is_aligned_to_the_token_grid():
 ])
 def test_planned_patch_size_for_patch_14_and_16(own_dataset, backbone, model_path, alignment):
     _, folder, _ = own_dataset
-    plans, dataset_json = plans_and_dataset_json(folder)
+    plans = plans_of(folder)
     decoder = PLANNED_MODEL["decoder"] if model_path.endswith("dpt") else {}
     config = model_config(backbone=backbone, model_path=model_path, decoder=decoder)
-    planned = plan_cli.plan_configuration(plans, dataset_json, config, "2d_vit", "nnUNetPlans", 8)
+    planned = vit_planner(config).plan_configuration(plans)
     patch = planned["configurations"]["2d_vit"]["patch_size"]
     assert all(side % alignment == 0 and abs(side - base) <= alignment / 2
                for side, base in zip(patch, plans["configurations"]["2d"]["patch_size"]))
@@ -150,30 +148,29 @@ def test_planned_patch_size_for_patch_14_and_16(own_dataset, backbone, model_pat
 
 def test_batch_size_rises_with_the_memory_target_and_respects_the_cap(own_dataset):
     _, folder, _ = own_dataset
-    plans, dataset_json = plans_and_dataset_json(folder)
+    plans = plans_of(folder)
     config = model_config()
-    many_cases = {**dataset_json, "numTraining": 10 ** 6}  # the 5% cap far away
     batches = []
     for target in (0.3, 0.5, 1, 2, 8):
-        entry = plan_cli.plan_configuration(plans, many_cases, config, "2d_vit", "nnUNetPlans", target)[
-            "configurations"]["2d_vit"]
+        planner = vit_planner(config, target=target, numTraining=10 ** 6)  # the 5% cap far away
+        entry = planner.plan_configuration(plans)["configurations"]["2d_vit"]
         memory = entry["vit_plan"]["memory_model"]
-        if entry["batch_size"] > plan_cli.MIN_BATCH_SIZE:
+        if entry["batch_size"] > planner.UNet_min_batch_size:
             assert memory["fixed_bytes"] + entry["batch_size"] * memory["per_image_bytes"] <= target * 1e9
         batches.append(entry["batch_size"])
     assert batches == sorted(batches) and batches[-1] > batches[0]
 
-    few_cases = plan_cli.plan_configuration(plans, {**dataset_json, "numTraining": 400}, config, "2d_vit",
-                                            "nnUNetPlans", 70)["configurations"]["2d_vit"]
+    planner = vit_planner(config, target=70, numTraining=400)
+    few_cases = planner.plan_configuration(plans)["configurations"]["2d_vit"]
     patch_pixels = np.prod(few_cases["patch_size"])
     cap = round(np.prod(plans["configurations"]["2d"]["median_image_size_in_voxels"]) * 400 * 0.05 / patch_pixels)
-    assert few_cases["batch_size"] == max(cap, plan_cli.MIN_BATCH_SIZE) < batches[-1]
+    assert few_cases["batch_size"] == max(cap, planner.UNet_min_batch_size) < batches[-1]
 
 
 def test_rgb_plan_normalizes_each_channel_with_the_backbone_statistics(own_dataset):
     _, folder, _ = own_dataset
-    plans, dataset_json = plans_and_dataset_json(folder)
-    planned = plan_cli.plan_configuration(plans, dataset_json, model_config(), "2d_vit", "nnUNetPlans", 8)
+    plans = plans_of(folder)
+    planned = vit_planner(model_config()).plan_configuration(plans)
     entry = planned["configurations"]["2d_vit"]
     assert entry["normalization_schemes"] == ["BackboneNormalization"] * 3
     assert entry["data_identifier"].startswith("nnUNetPlans_2d_backbone_")
@@ -189,9 +186,8 @@ def test_rgb_plan_normalizes_each_channel_with_the_backbone_statistics(own_datas
 
 def test_zscore_plan_keeps_nnunets_normalization_and_data(own_dataset):
     _, folder, _ = own_dataset
-    plans, dataset_json = plans_and_dataset_json(folder)
-    planned = plan_cli.plan_configuration(plans, dataset_json, model_config(normalization="zscore"), "2d_vit",
-                                          "nnUNetPlans", 8)
+    plans = plans_of(folder)
+    planned = vit_planner(model_config(normalization="zscore")).plan_configuration(plans)
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     entry = PlansManager(planned).get_configuration("2d_vit")
@@ -221,14 +217,14 @@ def test_backbone_normalization_scales_refuses_and_clips():
 
 def test_a_second_backbone_with_other_statistics_is_refused_in_the_same_plans(own_dataset, monkeypatch):
     _, folder, _ = own_dataset
-    plans, dataset_json = plans_and_dataset_json(folder)
-    plans = plan_cli.plan_configuration(plans, dataset_json, model_config(), "2d_a", "nnUNetPlans", 8)
+    plans = plans_of(folder)
+    plans = vit_planner(model_config(), "2d_a").plan_configuration(plans)
     import nnunetv2.model.backbone as backbone
 
     monkeypatch.setattr(backbone, "pretraining_statistics", lambda *_: (((0.5,) * 3, (0.5,) * 3), "test"))
     with pytest.raises(ConfigError, match="2d_a .*One plans file holds one backbone normalization"):
-        plan_cli.plan_configuration(plans, dataset_json, model_config(), "2d_b", "nnUNetPlans", 8)
-    plan_cli.plan_configuration(plans, dataset_json, model_config(), "2d_a", "nnUNetPlans", 8)  # re-planning it
+        vit_planner(model_config(), "2d_b").plan_configuration(plans)
+    vit_planner(model_config(), "2d_a").plan_configuration(plans)  # re-planning it
 
 
 def test_configs_stored_before_the_key_keep_nnunets_normalization():
@@ -314,6 +310,11 @@ def test_training_refuses_a_config_the_configuration_was_not_planned_for(own_dat
     config = write_config(tmp_path / "vit.yaml")
     plan_cli.main([str(DATASET_ID), "--config", config, "-c", "2d_vit", "--no_pp"])
     capsys.readouterr()
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+
+    planned = load_json(os.path.join(os.environ["nnUNet_preprocessed"], "Dataset987_DemoFundus", "nnUNetPlans.json"))
+    assert planned["configurations"]["2d_vit"]["vit_plan"]["memory_model"]["target_gb"] == \
+        ExperimentPlanner(DATASET_ID).UNet_vram_target_GB  # without -gpu_memory_target: nnU-Net's target
     others = ((write_config(tmp_path / "base.yaml", backbone_size="base"), "backbone_size small (config: base)"),
               (write_config(tmp_path / "z.yaml", normalization="zscore"), "normalization backbone (config: zscore)"))
     for other, what in others:

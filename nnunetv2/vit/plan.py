@@ -11,6 +11,9 @@ inheriting ``2d`` (spacing, resampling, splits) and choosing what the ViT needs:
 - batch size: the largest that fits a GPU memory target by the memory model of the configured model
   (``nnunetv2.model.memory``), capped as nnU-Net caps its own.
 
+``ViTExperimentPlanner`` is an nnU-Net ``ExperimentPlanner``: the memory target (its default included), the dataset
+cap and the minimum batch are its attributes, so they stay nnU-Net's.
+
 What was chosen, and why, is recorded in the configuration's ``vit_plan``; training resolves ``auto`` to what the
 configuration was planned for (nnU-Net's own normalization on ``2d``) and refuses a config whose backbone or explicit
 normalization differs from it.
@@ -21,17 +24,22 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import hashlib
-import inspect
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import save_json
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunetv2.model.memory import TrainingMemory, training_memory
 from nnunetv2.vit.cli import dataset_name, run_main
 from nnunetv2.vit.config import ViTConfig, build_model, load_config, quiet_model_logs
 from nnunetv2.vit.errors import ConfigError
@@ -42,19 +50,8 @@ PROG = "nnUNetv2_plan_vit.py"
 BASE = "2d"  # the nnU-Net configuration ViT configurations inherit from
 PLAN_KEY = "vit_plan"  # a configuration's record of what this command chose, and why
 PLANNED_FOR = ("backbone", "backbone_size", "normalization")  # what a config must keep to train on the plan
-# As upstream's ExperimentPlanner (max_dataset_covered, UNet_min_batch_size; a test checks they still agree):
-# a step sees at most 5% of the dataset's pixels, and a batch holds at least 2 images.
-MAX_DATASET_COVERED = 0.05
-MIN_BATCH_SIZE = 2
 EIGHT_BIT = (0.0, 255.0)
 GB = 1e9  # -gpu_memory_target is in GB (10^9 bytes), as nnU-Net's
-
-
-def default_gpu_memory_target_gb() -> float:
-    """What nnU-Net targets for its U-Net: the default of its ExperimentPlanner's ``gpu_memory_target_in_gb``."""
-    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-
-    return float(inspect.signature(ExperimentPlanner.__init__).parameters["gpu_memory_target_in_gb"].default)
 
 
 def default_configuration_name(config_path: str) -> str:
@@ -105,92 +102,143 @@ def aligned_patch_size(patch_size: Sequence[int], alignment: int) -> List[int]:
     return [max(alignment, alignment * math.floor(side / alignment + 0.5)) for side in patch_size]
 
 
-def dataset_cap(base: dict, num_training: int, patch_size: Sequence[int]) -> int:
-    """nnU-Net's cap: the batch whose patches cover 5% of the dataset's (median-sized) images."""
-    pixels = float(np.prod(base["median_image_size_in_voxels"], dtype=np.float64)) * num_training
-    return round(pixels * MAX_DATASET_COVERED / float(np.prod(patch_size, dtype=np.float64)))
-
-
-def plan_batch_size(per_memory: int, cap: int, minimum: int) -> int:
-    """nnU-Net's rule on the memory model's batch: the dataset cap, but never below the minimum."""
-    return max(min(per_memory, cap), minimum)
-
-
 def planned_precision(config: ViTConfig) -> str:
     """The autocast dtype the memory model counts with: ``auto`` trains in 16 bits on any GPU (bf16 or fp16)."""
     return "bf16" if config.train.precision in ("auto", "bf16", "fp16") else "fp32"
 
 
-def plan_configuration(plans: dict, dataset_json: dict, config: ViTConfig, name: str, plans_identifier: str,
-                       gpu_memory_target_gb: float) -> dict:
-    """The plans with configuration ``name`` planned for ``config`` (a new dict; ``plans`` is left as it is)."""
-    from nnunetv2.model.memory import training_memory
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+def add_2d_configuration(plans: dict, name: str, **planned: Any) -> None:
+    """Add ``name`` to ``plans`` as a configuration inheriting ``2d`` (nnU-Net's ``inherits_from``): ``2d``'s spacing,
+    resampling and preprocessed data, except what ``planned`` sets. Both the planner and training's lookup of an
+    unplanned ``2d_<name>`` make their entries here."""
+    plans["configurations"][name] = {"inherits_from": BASE, **planned}
 
-    if not name.startswith(f"{BASE}_"):
-        raise ConfigError(f"Configuration name '{name}' must start with '{BASE}_' (e.g. '{BASE}_dpt'): '{BASE}' and "
-                          f"nnU-Net's other configurations stay as nnU-Net planned them.")
-    if BASE not in plans["configurations"]:
-        raise ConfigError(f"The plans have no '{BASE}' configuration to start from. Run "
-                          f"`nnUNetv2_plan_and_preprocess -d DATASET -c {BASE}` first.")
-    if gpu_memory_target_gb <= 0:
-        raise ConfigError(f"-gpu_memory_target must be positive, got {gpu_memory_target_gb:g}.")
-    plans = copy.deepcopy(plans)
-    manager = PlansManager(plans)
-    base = manager.get_configuration(BASE).configuration
-    num_channels = determine_num_input_channels(manager, BASE, dataset_json)  # as the trainer counts them
-    num_classes = manager.get_label_manager(dataset_json).num_segmentation_heads
 
-    def build():
-        return build_model(config, num_channels, num_classes, load_weights=False)
+class ViTExperimentPlanner(ExperimentPlanner):
+    """nnU-Net's planner for one ViT configuration, ``2d_<name>``, planned on top of the ``2d`` nnU-Net planned.
 
-    with quiet_model_logs():
-        with torch.device("meta"):
-            model = build()
+    Upstream plans U-Net topologies from the fingerprint; this planner keeps ``2d``'s spacing and resampling and
+    replaces the U-Net's memory estimate by the memory model of the configured network. The rules around the
+    estimate are upstream's attributes: the memory target ``UNet_vram_target_GB`` (``gpu_memory_target_in_gb``,
+    default included), the dataset cap ``max_dataset_covered`` and the minimum batch ``UNet_min_batch_size``.
+    """
+
+    def __init__(self, dataset_name_or_id: Union[str, int], config: ViTConfig, configuration_name: str,
+                 plans_name: str = "nnUNetPlans", **kwargs: Any) -> None:
+        """``kwargs`` go to upstream's planner (``gpu_memory_target_in_gb``, ...); left out, its defaults hold."""
+        super().__init__(dataset_name_or_id, plans_name=plans_name, **kwargs)
+        self.config = config
+        self.configuration_name = configuration_name
+
+    @property
+    def plans_file(self) -> Path:
+        """The plans file upstream's planner wrote, which this one adds its configuration to."""
+        return Path(nnUNet_preprocessed.get()) / self.dataset_name / f"{self.plans_identifier}.json"
+
+    def plan_experiment(self) -> dict:
+        """Add the configuration to the plans file (replaced: nnU-Net's configurations stay as it planned them, and
+        the command prints its own summary instead of ``save_plans``'s)."""
+        self.load_plans(str(self.plans_file))
+        self.plans = self.plan_configuration(self.plans)
+        save_json(self.plans, str(self.plans_file), sort_keys=False)
+        return self.plans
+
+    def determine_normalization_scheme_and_whether_mask_is_used_for_norm(self) -> Tuple[List[str], List[bool]]:
+        """``BackboneNormalization`` on every channel, unmasked (overridden: pretraining normalized whole images)."""
+        num_channels = len(self.dataset_json["channel_names"])
+        return [BackboneNormalization.__name__] * num_channels, [False] * num_channels
+
+    def plan_configuration(self, plans: dict) -> dict:
+        """``plans`` with the configuration planned for the config (a new dict; ``plans`` is left as it is)."""
+        self.check_plannable(plans)
+        plans = copy.deepcopy(plans)
+        manager = PlansManager(plans)
+        base = manager.get_configuration(BASE).configuration
+        num_channels = determine_num_input_channels(manager, BASE, self.dataset_json)  # as the trainer counts them
+        num_classes = manager.get_label_manager(self.dataset_json).num_segmentation_heads
+        build = functools.partial(build_model, self.config, num_channels, num_classes, load_weights=False)
+        with quiet_model_logs():
+            with torch.device("meta"):
+                model = build()
+            patch_size, patch_why = self.determine_patch_size(base["patch_size"], model)
+            memory = training_memory(build, num_channels, patch_size, planned_precision(self.config),
+                                     self.config.train.optimizer, self.config.train.gradient_checkpointing)
+        batch_size, batch_why = self.determine_batch_size(memory, base, patch_size, model.min_train_batch_size)
+        normalization, normalization_why = self.determine_normalization(plans, base)
+        record = self.record(patch_why, batch_why, memory, normalization_why)
+        add_2d_configuration(plans, self.configuration_name, patch_size=patch_size, batch_size=batch_size,
+                             **normalization, **{PLAN_KEY: record})
+        return plans
+
+    def check_plannable(self, plans: dict) -> None:
+        """Refuse a name that would replace one of nnU-Net's configurations, plans without ``2d``, no memory."""
+        name = self.configuration_name
+        if not name.startswith(f"{BASE}_"):
+            raise ConfigError(f"Configuration name '{name}' must start with '{BASE}_' (e.g. '{BASE}_dpt'): '{BASE}' "
+                              f"and nnU-Net's other configurations stay as nnU-Net planned them.")
+        if BASE not in plans["configurations"]:
+            raise ConfigError(f"The plans have no '{BASE}' configuration to start from. Run "
+                              f"`nnUNetv2_plan_and_preprocess -d DATASET -c {BASE}` first.")
+        if self.UNet_vram_target_GB <= 0:
+            raise ConfigError(f"-gpu_memory_target must be positive, got {self.UNet_vram_target_GB:g}.")
+
+    def determine_patch_size(self, base_patch_size: Sequence[int], model: torch.nn.Module) -> Tuple[List[int], str]:
+        """``2d``'s patch rounded to the model's alignment, so no pixel of a patch is padding; and why."""
         alignment = model.patch_size * model.token_grid_multiple
-        patch_size = aligned_patch_size(base["patch_size"], alignment)
-        memory = training_memory(build, num_channels, patch_size, planned_precision(config), config.train.optimizer,
-                                 config.train.gradient_checkpointing)
-    by_memory = memory.largest_batch(gpu_memory_target_gb * GB)
-    minimum = max(MIN_BATCH_SIZE, model.min_train_batch_size)
-    cap = dataset_cap(base, dataset_json["numTraining"], patch_size)
-    batch_size = plan_batch_size(by_memory, cap, minimum)
-    peak = memory.peak_bytes(batch_size) / GB
-    batch_why = (f"{by_memory} fit {gpu_memory_target_gb:g} GB by the memory model ({memory.fixed_bytes / GB:.2f} GB "
-                 f"+ {memory.per_image_bytes / GB:.3f} GB per image); 5% of the dataset's pixels allow {cap}, and a "
-                 f"batch holds at least {minimum}: {batch_size} (modelled peak {peak:.2f} GB)")
-    if by_memory < minimum:
-        batch_why += (f". Batch {minimum} exceeds the target: set train.gradient_checkpointing: true, enable LoRA or "
-                      f"model.freeze_backbone, or use a smaller model.backbone_size")
+        patch_size = aligned_patch_size(base_patch_size, alignment)
+        why = (f"'{BASE}' patch {list(base_patch_size)} rounded to a multiple of {alignment} (patch "
+               f"{model.patch_size} x token grid multiple {model.token_grid_multiple}): {patch_size}")
+        return patch_size, why
 
-    entry: dict = {"inherits_from": BASE, "patch_size": patch_size, "batch_size": batch_size}
-    record = {
-        "planned_for": {**{key: getattr(config.model, key) for key in PLANNED_FOR},
-                        "normalization": planned_normalization(config)},
-        "model": f"{config.model.model_path} {config.model.backbone} {config.model.backbone_size}",
-        "patch_size": f"'{BASE}' patch {list(base['patch_size'])} rounded to a multiple of {alignment} (patch "
-                      f"{model.patch_size} x token grid multiple {model.token_grid_multiple}): {patch_size}",
-        "batch_size": batch_why,
-        "memory_model": {"fixed_bytes": memory.fixed_bytes, "per_image_bytes": memory.per_image_bytes,
-                         "target_gb": gpu_memory_target_gb, "precision": planned_precision(config),
-                         "optimizer": config.train.optimizer,
-                         "gradient_checkpointing": config.train.gradient_checkpointing,
-                         "freeze_backbone": config.model.freeze_backbone, "lora": config.lora.enabled},
-    }
-    if planned_normalization(config) == "backbone":
-        parameters, record["normalization"] = backbone_normalization(plans, config, num_channels)
-        _store_parameters(plans, parameters, name)
+    def determine_batch_size(self, memory: TrainingMemory, base: dict, patch_size: Sequence[int],
+                             model_minimum: int) -> Tuple[int, str]:
+        """nnU-Net's rule on the memory model's batch: the dataset cap, never below the minimum; and why."""
+        target = self.UNet_vram_target_GB
+        by_memory = memory.largest_batch(target * GB)
+        approximate_n_pixels_dataset = (float(np.prod(base["median_image_size_in_voxels"], dtype=np.float64))
+                                        * self.dataset_json["numTraining"])
+        cap = round(approximate_n_pixels_dataset * self.max_dataset_covered
+                    / float(np.prod(patch_size, dtype=np.float64)))
+        minimum = max(self.UNet_min_batch_size, model_minimum)
+        batch_size = max(min(by_memory, cap), minimum)
+        why = (f"{by_memory} fit {target:g} GB by the memory model ({memory.fixed_bytes / GB:.2f} GB + "
+               f"{memory.per_image_bytes / GB:.3f} GB per image); {self.max_dataset_covered * 100:g}% of the dataset's "
+               f"pixels allow {cap}, and a batch holds at least {minimum}: {batch_size} (modelled peak "
+               f"{memory.peak_bytes(batch_size) / GB:.2f} GB)")
+        if by_memory < minimum:
+            why += (f". Batch {minimum} exceeds the target: set train.gradient_checkpointing: true, enable LoRA or "
+                    f"model.freeze_backbone, or use a smaller model.backbone_size")
+        return batch_size, why
+
+    def determine_normalization(self, plans: dict, base: dict) -> Tuple[Dict[str, Any], str]:
+        """The entries the planned normalization changes from ``2d`` (none for nnU-Net's own), and why. The backbone's
+        parameters go into ``plans``, where upstream hands them to the scheme."""
+        if planned_normalization(self.config) != "backbone":
+            return {}, (f"nnU-Net's, as planned for '{BASE}' ({', '.join(base['normalization_schemes'])}), on its "
+                        f"preprocessed data")
+        schemes, use_mask = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+        parameters, why = backbone_normalization(plans, self.config, len(schemes))
+        _store_parameters(plans, parameters, self.configuration_name)
         digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:8]
-        entry.update(data_identifier=f"{plans_identifier}_{BASE}_backbone_{digest}",
-                     normalization_schemes=[BackboneNormalization.__name__] * num_channels,
-                     use_mask_for_norm=[False] * num_channels)
-    else:
-        record["normalization"] = (f"nnU-Net's, as planned for '{BASE}' ({', '.join(base['normalization_schemes'])}),"
-                                   f" on its preprocessed data")
-    entry[PLAN_KEY] = record
-    plans["configurations"][name] = entry
-    return plans
+        return {"data_identifier": self.generate_data_identifier(f"{BASE}_backbone_{digest}"),
+                "normalization_schemes": schemes, "use_mask_for_norm": use_mask}, why
+
+    def record(self, patch_why: str, batch_why: str, memory: TrainingMemory, normalization_why: str) -> dict:
+        """The ``vit_plan`` record: what the configuration was planned for, what was chosen and why."""
+        config = self.config
+        return {
+            "planned_for": {**{key: getattr(config.model, key) for key in PLANNED_FOR},
+                            "normalization": planned_normalization(config)},
+            "model": f"{config.model.model_path} {config.model.backbone} {config.model.backbone_size}",
+            "patch_size": patch_why,
+            "batch_size": batch_why,
+            "memory_model": {"fixed_bytes": memory.fixed_bytes, "per_image_bytes": memory.per_image_bytes,
+                             "target_gb": float(self.UNet_vram_target_GB), "precision": planned_precision(config),
+                             "optimizer": config.train.optimizer,
+                             "gradient_checkpointing": config.train.gradient_checkpointing,
+                             "freeze_backbone": config.model.freeze_backbone, "lora": config.lora.enabled},
+            "normalization": normalization_why,
+        }
 
 
 def _store_parameters(plans: dict, parameters: List[Dict], name: str) -> None:
@@ -221,8 +269,6 @@ def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, da
     and how to get the other. ``auto`` takes what the configuration was planned for: nnU-Net's own normalization on
     a configuration this command did not plan (``2d``), the planned one on ``2d_<name>``. A config whose backbone or
     explicit normalization differs from the plan is refused, naming the command that plans for it."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     planned = PlansManager(plans).get_configuration(configuration).configuration
     record = planned.get(PLAN_KEY)
     model = config.model
@@ -274,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", default=None, dest="configuration",
                         help="name of the new configuration (default: 2d_<config file name>, e.g. 2d_dpt)")
     parser.add_argument("-gpu_memory_target", type=float, default=None,
-                        help="GPU memory (GB) the batch size fills (default: what nnU-Net targets for its U-Net, "
-                             f"{default_gpu_memory_target_gb():g})")
+                        help="GPU memory (GB) the batch size fills (default: what nnU-Net's planner targets for its "
+                             "U-Net)")
     parser.add_argument("-p", default="nnUNetPlans", help="Plans identifier (default: nnUNetPlans)")
     parser.add_argument("-np", type=int, default=None,
                         help="Preprocessing processes (default: nnU-Net's default_num_processes)")
@@ -286,12 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from nnunetv2.configuration import default_num_processes
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess_dataset
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 
     config = load_config(args.config)
     name = args.configuration or default_configuration_name(args.config)
-    target = args.gpu_memory_target if args.gpu_memory_target is not None else default_gpu_memory_target_gb()
     if not nnUNet_preprocessed.is_set() or not nnUNet_raw.is_set():
         raise ConfigError("nnUNet_raw and nnUNet_preprocessed must be set: export nnUNet_raw, nnUNet_preprocessed "
                           "and nnUNet_results.")
@@ -301,9 +345,9 @@ def run(args: argparse.Namespace) -> None:
     if not plans_file.is_file():
         raise ConfigError(f"{plans_file} does not exist: plan the dataset with nnU-Net first "
                           f"(`nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {BASE} --no_pp`).")
-    dataset_json = load_json(str(folder / "dataset.json"))
-    plans = plan_configuration(load_json(str(plans_file)), dataset_json, config, name, args.p, target)
-    save_json(plans, str(plans_file), sort_keys=False)
+    target = {} if args.gpu_memory_target is None else {"gpu_memory_target_in_gb": args.gpu_memory_target}
+    planner = ViTExperimentPlanner(dataset, config, name, plans_name=args.p, **target)
+    plans = planner.plan_experiment()
 
     entry = plans["configurations"][name]
     print(f"Planned configuration '{name}' in {plans_file}:")
@@ -313,14 +357,10 @@ def run(args: argparse.Namespace) -> None:
     if config.train.batch_size is not None:
         print(f"  note: train.batch_size: {config.train.batch_size} in {args.config} overrides the planned batch size")
 
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
-
     data_folder = folder / PlansManager(plans).get_configuration(name).data_identifier
-    cases = list(get_filenames_of_train_images_and_targets(str(Path(nnUNet_raw.get()) / dataset), dataset_json))
     if args.no_pp:
         print("Not preprocessed (--no_pp): run this command again without --no_pp before training.")
-    elif data_is_complete(data_folder, cases):
+    elif data_is_complete(data_folder, list(planner.dataset)):
         print(f"Preprocessed data already there: {data_folder}")
     else:
         preprocess_dataset(convert_dataset_name_to_id(dataset), args.p, (name,), (args.np or default_num_processes,))

@@ -34,7 +34,9 @@ from nnunetv2.vit.config import ViTConfig, load_config
 from nnunetv2.vit.errors import (
     USER_ERRORS, CheckpointReadError, ConfigError, OutOfMemoryError, TrainingStopped, out_of_memory,
 )
-from nnunetv2.vit.plan import PROG as PLAN_PROG, BASE, PLAN_KEY, default_configuration_name, resolve_normalization
+from nnunetv2.vit.plan import (
+    PROG as PLAN_PROG, BASE, PLAN_KEY, add_2d_configuration, default_configuration_name, resolve_normalization,
+)
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
@@ -105,8 +107,7 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
     plans = load_json(str(plans_file))
     if configuration not in plans["configurations"] and configuration.startswith(f"{BASE}_") \
             and BASE in plans["configurations"]:
-        # A named 2d configuration (nnU-Net's inherits_from): same data, its own results folder.
-        plans["configurations"][configuration] = {"inherits_from": BASE}
+        add_2d_configuration(plans, configuration)  # same data as '2d', its own results folder
     if configuration not in plans["configurations"]:
         raise ConfigError(f"Configuration '{configuration}' is not in {plans_file}. Available: "
                           f"{', '.join(plans['configurations'])}. ViT models use '2d', or '2d_<name>' to keep "
