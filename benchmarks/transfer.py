@@ -38,6 +38,7 @@ row, so a killed run keeps its finished rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -46,7 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -112,17 +113,27 @@ class Row:
         return [float(np.mean([run[case] for run in self.vessel])) for case in self.vessel[0]] if self.vessel else []
 
 
-def seed_everything(seed: int) -> None:
-    """Make a training run repeatable on the CPU: augmentation in this process (``nnUNet_n_proc_DA=0``, upstream's
-    single-threaded augmenter) and every random generator it and the model draw from seeded."""
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """A repeatable training run on the CPU: augmentation in this process (``nnUNet_n_proc_DA=0``, upstream's
+    single-threaded augmenter) and every random generator it and the model draw from seeded. The variable is
+    restored afterwards: upstream's planner cannot plan with it at 0 (``torch.set_num_threads(0)``)."""
     import random
 
     import torch
 
+    previous = os.environ.get("nnUNet_n_proc_DA")
     os.environ["nnUNet_n_proc_DA"] = "0"
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["nnUNet_n_proc_DA"]
+        else:
+            os.environ["nnUNet_n_proc_DA"] = previous
 
 
 def make_target_case(rng: np.random.Generator, size: int) -> tuple:
@@ -198,7 +209,7 @@ def merged(base: dict, override: dict) -> dict:
     return out
 
 
-def train_vit(dataset_id: int, configuration: str, config: Path, device: str) -> Path:
+def train_vit(dataset_id: int, configuration: str, config: Path, device: str, seed: int = 0) -> Path:
     """``nnUNetv2_plan_vit.py``, then fold 0 trained as ``nnUNetv2_train_vit.py`` trains it, without the final
     validation (the test split is scored instead; the U-Net row skips it alike); returns the fold folder."""
     import torch
@@ -214,8 +225,9 @@ def train_vit(dataset_id: int, configuration: str, config: Path, device: str) ->
     _, plans, dataset_json = load_plans(str(dataset_id), "nnUNetPlans", configuration)
     add_vit_config(plans, configuration, load_config(config))
     plans["continue_training"] = False
-    trainer = nnUNetTrainer_vit(plans, configuration, 0, dataset_json, torch.device(device))
-    trainer.run_training()
+    with seeded(seed):
+        trainer = nnUNetTrainer_vit(plans, configuration, 0, dataset_json, torch.device(device))
+        trainer.run_training()
     return Path(trainer.output_folder)
 
 
@@ -313,7 +325,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         plan(SOURCE_ID, preprocessed, source.name)
         config = write_config(merged(merged(BASE_CONFIG, SOURCE), {"train": source_budget}),
                               run_dir / "configs" / "source.yaml")
-        seed_everything(0)
         started = time.monotonic()
         fold = train_vit(SOURCE_ID, "2d_source", config, device)
         print(f"=== source: trained in {time.monotonic() - started:.0f} s", flush=True)
@@ -332,15 +343,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         try:
             for seed in range(args.seeds):
                 print(f"\n=== {name}, seed {seed}: training on the target data", flush=True)
-                seed_everything(seed)
                 started = time.monotonic()
                 if name == "unet":
-                    fold = train_unet(f"Dataset{TARGET_ID:03d}_{TARGET_NAME}", device, target_budget, BATCH_SIZE)
+                    with seeded(seed):
+                        fold = train_unet(f"Dataset{TARGET_ID:03d}_{TARGET_NAME}", device, target_budget, BATCH_SIZE)
                 else:
                     override = json.loads(json.dumps(ROWS[name]).replace("{backbone}", str(backbone)))
                     config = write_config(merged(merged(BASE_CONFIG, override), {"train": target_budget}),
                                           run_dir / "configs" / f"{name}.yaml")
-                    fold = train_vit(TARGET_ID, f"2d_{name}", config, device)
+                    fold = train_vit(TARGET_ID, f"2d_{name}", config, device, seed)
                 row.train_s.append(time.monotonic() - started)
                 predict_and_score(nnUNetTrainer if name == "unet" else nnUNetTrainer_vit, fold, dataset,
                                   run_dir / "predictions" / name / f"seed{seed}", device, row)
