@@ -6,8 +6,8 @@ The upstream distribution's directory comes first in ``__path__`` so ``nnunetv2.
 (``model``, ``vit``, ``configs``). Nothing is installed over upstream's files.
 
 In this repository's environment every Python imports this package as ``nnunetv2`` (``uv sync`` installs
-``install/nnunet_vit.pth``), upstream's own commands and their workers included: importing it registers this
-repository's normalization scheme and trainer with upstream.
+``install/nnunet_vit.pth``), upstream's own commands and their workers included: importing it lets upstream find this
+repository's normalization scheme and trainer (``nnunetv2/vit/upstream_adapter.py``).
 """
 
 import importlib.metadata
@@ -23,17 +23,10 @@ if _upstream is not None:
     _upstream_dir = os.path.dirname(str(_upstream.locate_file("nnunetv2/__init__.py")))
     if os.path.realpath(_upstream_dir) != os.path.realpath(__path__[0]):
         __path__.insert(0, _upstream_dir)
-    # Upstream finds normalization schemes and preprocessors by name in its own folder, in every process
-    # (spawned preprocessing workers too): register this package's, which planned configurations name.
-    from nnunetv2.vit.normalization import register_with_upstream
+    # Every adaptation of upstream this package makes, each with its reason: nnunetv2/vit/upstream_adapter.py.
+    from nnunetv2.vit.upstream_adapter import adapt_upstream
 
-    register_with_upstream()
-    # Upstream finds trainers outside its own folder in the folders nnUNet_extTrainer lists: list the one of
-    # nnUNetTrainer_vit (after the user's own), so that upstream's commands (nnUNetv2_predict, ...) find it.
-    _trainers = os.path.join(os.path.dirname(__file__), "vit", "ext_trainers")
-    _listed = [entry for entry in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if entry]
-    if _trainers not in _listed:
-        os.environ["nnUNet_extTrainer"] = os.pathsep.join([*_listed, _trainers])
+    adapt_upstream()
 
 # A worker spawned by one of this repository's commands ends with it (see nnunetv2/vit/lifetime.py).
 from nnunetv2.vit.lifetime import end_with_the_process_that_spawned_this  # noqa: E402

@@ -8,15 +8,13 @@ Upstream preprocesses the training data and every case it predicts with it, so t
 in training and in prediction.
 
 Upstream finds schemes by name, in the modules of its own ``preprocessing/normalization`` folder, in the main
-process and in its spawned preprocessing workers. ``register_with_upstream`` makes the scheme an attribute of
-the module that holds upstream's own schemes; this package's ``__init__`` calls it, so every process that imports
-``nnunetv2`` from here finds it. This module imports only numpy and that upstream module (a few milliseconds).
+process and in its spawned preprocessing workers: ``upstream_adapter.register_normalization`` puts this one there.
+This module imports only numpy and upstream's normalization module (a few milliseconds).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from nnunetv2.preprocessing.normalization import default_normalization_schemes
 from nnunetv2.preprocessing.normalization.default_normalization_schemes import ImageNormalization
 
 PARAMETERS_KEY = "backbone_normalization"  # in a channel's intensity properties: BackboneNormalization's parameters
@@ -55,8 +53,3 @@ class BackboneNormalization(ImageNormalization):
         image /= parameters["std"]
         return image
 
-
-def register_with_upstream() -> None:
-    """Make the scheme findable where upstream looks schemes up by name (``recursive_find_python_class`` over its
-    ``preprocessing/normalization`` folder): as an attribute of the module that holds upstream's own schemes."""
-    default_normalization_schemes.BackboneNormalization = BackboneNormalization

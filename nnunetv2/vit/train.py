@@ -40,7 +40,8 @@ from nnunetv2.vit.plan import (
 from nnunetv2.vit.stored import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
-from nnunetv2.vit.trainer import STOP_SIGNALS, control_group, find_trainer_class, nnUNetTrainer_vit
+from nnunetv2.vit.trainer import STOP_SIGNALS, control_group, nnUNetTrainer_vit
+from nnunetv2.vit.upstream_adapter import find_trainer_class
 
 PROG = "nnUNetv2_train_vit.py"
 # Exit codes besides 0 (done) and 2 (a user error, one line): SIGTERM/SIGUSR1 stopped the training with its checkpoint

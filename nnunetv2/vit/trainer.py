@@ -608,22 +608,3 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self._load_optimizer_state(checkpoint["optimizer_state"], name)
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
-
-
-def find_trainer_class(name: str) -> type:
-    """The trainer class called ``name``: ``nnUNetTrainer_vit`` and its subclasses directly, any other name
-    through upstream's lookup.
-
-    Upstream's lookup of trainers in ``nnUNet_extTrainer`` folders scans ``sys.modules`` and reads every
-    module's ``__file__`` / ``__path__``, which breaks when a module imports others on that access (lazy
-    alias modules of transformers 5.17: "dictionary changed size during iteration").
-    """
-    pending = [nnUNetTrainer_vit]
-    while pending:
-        cls = pending.pop()
-        if cls.__name__ == name:
-            return cls
-        pending.extend(cls.__subclasses__())
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    return recursive_find_trainer_class_by_name(name)
