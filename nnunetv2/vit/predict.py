@@ -1,139 +1,163 @@
-"""``nnUNetv2_predict_vit.py``: upstream ``nnUNetv2_predict`` with ``-tr`` defaulting to nnUNetTrainer_vit.
+"""``nnUNetv2_predict_vit.py``: nnU-Net's prediction with a trained ViT model, ``-tr`` defaulting to nnUNetTrainer_vit.
 
-Prediction is upstream's own (sliding window, mirroring, export); the network is rebuilt from the
-config stored in the results folder's plans.json, so neither the YAML file nor a download is needed.
-Before anything is written, the model folder, its checkpoints and the input images are checked.
-``ViTPredictor`` is upstream's ``nnUNetPredictor`` with its own initialisation from a trained model
-folder: the trainer class is resolved without upstream's ``sys.modules`` scan (``find_trainer_class``).
+Prediction is upstream's ``nnUNetPredictor`` (sliding window, mirroring, export), set up with its
+``manual_initialization``: the network is rebuilt from the config stored in the results folder's plans.json (no YAML
+file, no download) and takes the weights of each fold's checkpoint, read once, as data unless the user trusts it
+(``--trust_checkpoint``). Before anything is written, the model folder, its checkpoints and the input images are
+checked. The command's flags are ``nnUNetv2_predict``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
+import dataclasses
 import io
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch._dynamo import OptimizedModule
 
-from nnunetv2.vit.cli import dataset_name, run_main
+from nnunetv2.vit.cli import dataset_name, get_device, run_main
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.lifetime import end_workers_with_this_process
 
+PROG = "nnUNetv2_predict_vit.py"
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
-TRUST_FLAG = "--trust_checkpoint"
 
 
-class ViTPredictor(nnUNetPredictor):
-    """nnU-Net's predictor; initialised from a trained model folder as upstream's, except that checkpoints
-    are read as data (``trust_checkpoint``: as full pickles, which can run code) and the trainer class is
-    resolved by ``find_trainer_class`` (or given as ``trainer_class``)."""
+def _env_int(name: str, default: int) -> int:
+    """An integer default that an environment variable may set, as upstream reads ``nnUNet_npp`` / ``nnUNet_nps``."""
+    try:
+        return int(os.environ.get(name) or default)
+    except ValueError:
+        return default
 
-    def __init__(self, *args, trust_checkpoint: bool = False, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.trust_checkpoint = trust_checkpoint
 
-    def initialize_from_trained_model_folder(self, model_training_output_dir: str,
-                                             use_folds: Union[Tuple[Union[int, str], ...], None],
-                                             checkpoint_name: str = "checkpoint_final.pth",
-                                             trainer_class: Optional[type] = None) -> None:
-        from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-        from nnunetv2.vit.stored import network_weights, read_training_checkpoint
-        from nnunetv2.vit.trainer import find_trainer_class
+# nnUNetv2_predict's flags with its defaults (nnunetv2/inference/predict_from_raw_data.py), -tr defaulting to ours,
+# and --trust_checkpoint.
+FLAGS = (
+    ("-i", dict(required=True, help="input folder: one file per case and channel, CASE_XXXX<file ending>")),
+    ("-o", dict(required=True, help="output folder (created); predictions take their case's name")),
+    ("-d", dict(required=True, help="dataset name or id")),
+    ("-p", dict(default="nnUNetPlans", help="plans identifier")),
+    ("-tr", dict(default=DEFAULT_TRAINER, help="trainer class the model was trained with")),
+    ("-c", dict(required=True, help="configuration the model was trained with")),
+    ("-f", dict(nargs="+", default=["0", "1", "2", "3", "4"], help="folds to ensemble (or 'all')")),
+    ("-step_size", dict(type=float, default=0.5, help="sliding window step, as a share of the patch (at most 1)")),
+    ("--disable_tta", dict(action="store_true", help="no test-time mirroring: faster, less accurate")),
+    ("--verbose", dict(action="store_true", help="report more")),
+    ("--save_probabilities", dict(action="store_true", help="also export class probabilities (for ensembling)")),
+    ("--continue_prediction", dict(action="store_true", help="keep the predictions already in the output folder")),
+    ("-chk", dict(default="checkpoint_final.pth", help="checkpoint file name in each fold folder")),
+    ("-npp", dict(type=int, default=_env_int("nnUNet_npp", 3), help="preprocessing processes (0 with -nps 0: none)")),
+    ("-nps", dict(type=int, default=_env_int("nnUNet_nps", 3), help="segmentation export processes")),
+    ("-prev_stage_predictions", dict(default=None, help="predictions of the previous stage (cascades)")),
+    ("-num_parts", dict(type=int, default=1, help="number of separate calls sharing the input folder")),
+    ("-part_id", dict(type=int, default=0, help="which of the -num_parts calls this is (0 to num_parts - 1)")),
+    ("-device", dict(default="cuda", help="cuda, cpu or mps (pick the GPU with CUDA_VISIBLE_DEVICES)")),
+    ("--disable_progress_bar", dict(action="store_true", help="no progress bar (non-interactive jobs)")),
+    ("--not_on_device", dict(action="store_true", help="keep whole cases off the device (large cases)")),
+    ("--trust_checkpoint", dict(action="store_true", help="load the checkpoints as full pickles, which can run "
+                                                          "code: only for a model from a source you trust")),
+)
 
-        if use_folds is None:
-            use_folds = self.auto_detect_available_folds(model_training_output_dir, checkpoint_name)
-        folder = Path(model_training_output_dir)
-        dataset_json = load_json(str(folder / "dataset.json"))
-        plans_manager = PlansManager(load_json(str(folder / "plans.json")))
-        checkpoints = [read_training_checkpoint(str(folder / f"fold_{fold}" / checkpoint_name),
-                                                trust=self.trust_checkpoint)
-                       for fold in ([use_folds] if isinstance(use_folds, str) else use_folds)]
-        first = checkpoints[0]
-        configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
-        trainer_class = trainer_class or find_trainer_class(first["trainer_name"])
-        network = trainer_class.build_network_architecture(
-            plans_manager, configuration_manager,
-            determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
-            plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
-        parameters = [network_weights(checkpoint) for checkpoint in checkpoints]
-        network.load_state_dict(parameters[0])
-        self.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
-                                   first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
 
-    def manual_initialization(self, network: torch.nn.Module, *args, **kwargs) -> None:
-        """Upstream's; when it compiles the network (``nnUNet_compile``), the first tile says so and how long
-        compiling took."""
-        super().manual_initialization(network, *args, **kwargs)
-        if isinstance(self.network, OptimizedModule):
-            patch = tuple(self.configuration_manager.patch_size)
-            CompileLog(print, forward_warnings=False).first_forward(
-                self.network, "prediction tile", f"sliding window, 1 x {patch}", self.device)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Predict with a trained ViT segmentation model: nnUNetv2_predict's flags, -tr defaulting to "
+                    f"{DEFAULT_TRAINER}.")
+    for flag, options in FLAGS:
+        shown = options.get("default") is not None
+        parser.add_argument(flag, **{**options, "help": options["help"] + (" (default: %(default)s)" if shown else "")})
+    return parser
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """What prediction needs of a trained model folder, each file read once."""
+    folder: Path
+    plans: dict
+    dataset_json: dict
+    checkpoints: List[dict]  # one per fold, tensors memory-mapped: paged in when the predictor loads them
+
+
+def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]],
+                       checkpoint_name: str = "checkpoint_final.pth", trust: bool = False,
+                       configuration: Optional[str] = None) -> TrainedModel:
+    """Read a trained model folder, refusing a missing model and a checkpoint that is missing, holds another model
+    than the folder's plans.json or more than plain data (unless ``trust``). ``configuration``: the one asked for
+    (default: the first checkpoint's)."""
+    from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
+
+    folder = Path(folder)
+    plans_file = folder / "plans.json"
+    if not plans_file.is_file():
+        raise ConfigError(f"No trained model in {folder} (check -d, -tr, -p and -c).")
+    plans = load_json(str(plans_file))
+    if configuration is not None and stored_config(plans, configuration) is None:
+        raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{configuration}'.")
+    checkpoints = []
+    for fold in folds:
+        checkpoint_file = folder / f"fold_{fold}" / checkpoint_name
+        if not checkpoint_file.is_file():
+            raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
+                              f"(e.g. -f 0) or another checkpoint with -chk.")
+        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust)
+        configuration = configuration or checkpoint["init_args"]["configuration"]
+        config = stored_config(plans, configuration)
+        if config is None:
+            raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{configuration}'.")
+        require_same_model(stored_config(checkpoint, configuration), config, str(checkpoint_file), str(plans_file))
+        checkpoints.append(checkpoint)
+    return TrainedModel(folder, plans, load_json(str(folder / "dataset.json")), checkpoints)
+
+
+def initialize_predictor(predictor: nnUNetPredictor, model: TrainedModel, trainer_class: Optional[type] = None) -> None:
+    """Upstream's ``manual_initialization`` with the network the checkpoints' trainer builds from the plans and the
+    checkpoints' weights; when upstream compiles the network (``nnUNet_compile``), the first tile says so and how long
+    compiling took."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2.vit.stored import network_weights
+    from nnunetv2.vit.upstream_adapter import find_trainer_class
+
+    first = model.checkpoints[0]
+    plans_manager = PlansManager(model.plans)
+    configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
+    trainer_class = trainer_class or find_trainer_class(first["trainer_name"])
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, model.dataset_json),
+        plans_manager.get_label_manager(model.dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    parameters = [network_weights(checkpoint) for checkpoint in model.checkpoints]
+    network.load_state_dict(parameters[0])  # as upstream's initialize_from_trained_model_folder
+    predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, model.dataset_json,
+                                    first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
+    if isinstance(predictor.network, OptimizedModule):
+        patch = tuple(configuration_manager.patch_size)
+        CompileLog(print, forward_warnings=False).first_forward(
+            predictor.network, "prediction tile", f"sliding window, 1 x {patch}", predictor.device)
 
 
 def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence[Union[int, str]] = (0,),
                                  device: torch.device = torch.device("cuda"),
                                  checkpoint_name: str = "checkpoint_final.pth",
-                                 trainer_class: Optional[type] = None, trust_checkpoint: bool = False) -> ViTPredictor:
+                                 trainer_class: Optional[type] = None,
+                                 trust_checkpoint: bool = False) -> nnUNetPredictor:
     """A predictor for a trained model folder with upstream's defaults (TTA, Gaussian tiles), quiet."""
-    predictor = ViTPredictor(device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False,
-                             trust_checkpoint=trust_checkpoint)
-    predictor.initialize_from_trained_model_folder(str(model_folder), tuple(folds), checkpoint_name, trainer_class)
+    model = read_trained_model(model_folder, folds, checkpoint_name, trust_checkpoint)
+    predictor = nnUNetPredictor(device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
+    initialize_predictor(predictor, model, trainer_class)
     return predictor
-
-
-def _known_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag, default in (("-i", None), ("-d", None), ("-tr", DEFAULT_TRAINER), ("-p", "nnUNetPlans"), ("-c", None),
-                          ("-chk", "checkpoint_final.pth")):
-        parser.add_argument(flag, default=default)
-    # Declared so argparse does not read e.g. "-device" as "-d evice".
-    for flag in ("-o", "-step_size", "-npp", "-nps", "-prev_stage_predictions", "-num_parts", "-part_id", "-device"):
-        parser.add_argument(flag)
-    parser.add_argument("-f", nargs="+", default=["0", "1", "2", "3", "4"])
-    return parser.parse_known_args(list(argv))[0]
-
-
-def check_model_and_inputs(argv: Sequence[str], trust_checkpoint: bool = False) -> None:
-    """Refuse a missing model, a checkpoint of another model or beyond plain data, or an input folder with a case
-    that cannot be predicted (``check_input_images``)."""
-    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-    from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
-
-    args = _known_args(argv)
-    if None in (args.i, args.d, args.c):
-        return  # upstream's parser reports the missing required flags
-    model_folder = Path(get_output_folder(dataset_name(args.d), args.tr, args.p, args.c))
-    if not (model_folder / "plans.json").is_file():
-        raise ConfigError(f"No trained model in {model_folder} (check -d, -tr, -p and -c).")
-    plans = load_json(str(model_folder / "plans.json"))
-    config = stored_config(plans, args.c)
-    if config is None:
-        raise ConfigError(f"{model_folder / 'plans.json'} holds no ViT model config for configuration '{args.c}'.")
-
-    for fold in args.f:
-        checkpoint_file = model_folder / f"fold_{fold}" / args.chk
-        if not checkpoint_file.is_file():
-            raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
-                              f"(e.g. -f 0) or another checkpoint with -chk.")
-        # mmap: only the small metadata is read here, the weights are read once by the predictor
-        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust_checkpoint)
-        require_same_model(stored_config(checkpoint, args.c), config, str(checkpoint_file),
-                           str(model_folder / "plans.json"))
-
-    dataset_json = load_json(str(model_folder / "dataset.json"))
-    reader = recursive_find_reader_writer_by_name(plans["image_reader_writer"])()
-    check_input_images(Path(args.i), dataset_json, reader)
 
 
 MAX_LISTED = 10  # bad cases named in the error; the rest are counted
@@ -187,29 +211,40 @@ def check_input_images(folder: Path, dataset_json: dict, reader) -> None:
                           f"these files and run again.")
 
 
+def predict(args: argparse.Namespace) -> None:
+    """Check the command, the model and the inputs, then predict as ``nnUNetv2_predict`` does."""
+    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    if not 0 <= args.part_id < args.num_parts:
+        raise ConfigError(f"-part_id {args.part_id} must be from 0 to -num_parts - 1 ({args.num_parts - 1}).")
+    device = get_device(args.device)
+    model = read_trained_model(get_output_folder(dataset_name(args.d), args.tr, args.p, args.c), args.f, args.chk,
+                               args.trust_checkpoint, args.c)
+    reader = recursive_find_reader_writer_by_name(model.plans["image_reader_writer"])()
+    check_input_images(Path(args.i), model.dataset_json, reader)
+
+    predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+                                perform_everything_on_device=not args.not_on_device, device=device,
+                                verbose=args.verbose, verbose_preprocessing=args.verbose,
+                                allow_tqdm=not args.disable_progress_bar)
+    initialize_predictor(predictor, model)
+    if args.npp == 0 and args.nps == 0:  # upstream's switch to predicting in this process only
+        predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
+                                                overwrite=not args.continue_prediction,
+                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+    else:
+        predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
+                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                     num_processes_segmentation_export=args.nps,
+                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                     num_parts=args.num_parts, part_id=args.part_id)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     end_workers_with_this_process()  # upstream's preprocessing and export workers, its Manager's server
-    if "-tr" not in argv:
-        argv = ["-tr", DEFAULT_TRAINER, *argv]
-    # Ours, not upstream's: load the checkpoints as full pickles (they can run code) for a model one trusts.
-    trust = TRUST_FLAG in argv
-    argv = [arg for arg in argv if arg != TRUST_FLAG]
-
-    def predict() -> None:
-        from nnunetv2.inference import predict_from_raw_data
-
-        check_model_and_inputs(argv, trust)
-        sys.argv = ["nnUNetv2_predict_vit.py", *argv]
-        # Upstream's command line, with ViTPredictor in place of the predictor class it builds.
-        upstream_predictor = predict_from_raw_data.nnUNetPredictor
-        predict_from_raw_data.nnUNetPredictor = functools.partial(ViTPredictor, trust_checkpoint=trust)
-        try:
-            predict_from_raw_data.predict_entry_point()
-        finally:
-            predict_from_raw_data.nnUNetPredictor = upstream_predictor
-
-    run_main("nnUNetv2_predict_vit.py", predict)
+    run_main(PROG, lambda: predict(args))
 
 
 if __name__ == "__main__":
