@@ -71,9 +71,8 @@ FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG, description="Predict with a trained ViT segmentation model: nnUNetv2_predict's flags, -tr defaulting to "
-                    f"{DEFAULT_TRAINER}.")
+    description = f"Predict with a trained ViT segmentation model: nnUNetv2_predict's flags, -tr {DEFAULT_TRAINER}."
+    parser = argparse.ArgumentParser(prog=PROG, description=description)
     for flag, options in FLAGS:
         shown = options.get("default") is not None
         parser.add_argument(flag, **{**options, "help": options["help"] + (" (default: %(default)s)" if shown else "")})
@@ -95,6 +94,7 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
     """Read a trained model folder, refusing a missing model and a checkpoint that is missing, holds another model
     than the folder's plans.json or more than plain data (unless ``trust``). ``configuration``: the one asked for
     (default: the first checkpoint's)."""
+    from nnunetv2.vit.config import ViTConfig
     from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
 
     folder = Path(folder)
@@ -102,8 +102,14 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
     if not plans_file.is_file():
         raise ConfigError(f"No trained model in {folder} (check -d, -tr, -p and -c).")
     plans = load_json(str(plans_file))
-    if configuration is not None and stored_config(plans, configuration) is None:
-        raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{configuration}'.")
+
+    def planned_config(name: str) -> ViTConfig:
+        config = stored_config(plans, name)
+        if config is None:
+            raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{name}'.")
+        return config
+
+    config = None if configuration is None else planned_config(configuration)
     checkpoints = []
     for fold in folds:
         checkpoint_file = folder / f"fold_{fold}" / checkpoint_name
@@ -111,10 +117,9 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
             raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
                               f"(e.g. -f 0) or another checkpoint with -chk.")
         checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust)
-        configuration = configuration or checkpoint["init_args"]["configuration"]
-        config = stored_config(plans, configuration)
         if config is None:
-            raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{configuration}'.")
+            configuration = checkpoint["init_args"]["configuration"]
+            config = planned_config(configuration)
         require_same_model(stored_config(checkpoint, configuration), config, str(checkpoint_file), str(plans_file))
         checkpoints.append(checkpoint)
     return TrainedModel(folder, plans, load_json(str(folder / "dataset.json")), checkpoints)
@@ -217,7 +222,8 @@ def predict(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     if not 0 <= args.part_id < args.num_parts:
-        raise ConfigError(f"-part_id {args.part_id} must be from 0 to -num_parts - 1 ({args.num_parts - 1}).")
+        raise ConfigError(f"-part_id {args.part_id} is not one of the -num_parts {args.num_parts} parts: pass "
+                          f"-part_id 0 to {args.num_parts - 1}.")
     device = get_device(args.device)
     model = read_trained_model(get_output_folder(dataset_name(args.d), args.tr, args.p, args.c), args.f, args.chk,
                                args.trust_checkpoint, args.c)
