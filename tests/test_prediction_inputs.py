@@ -10,7 +10,7 @@ from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
 from PIL import Image
 
 from nnunetv2.vit.errors import ConfigError
-from nnunetv2.vit.predict import check_input_images
+from nnunetv2.vit.predict import build_parser, check_input_images
 
 RGB_DATASET = {"channel_names": {"0": "R", "1": "G", "2": "B"}, "file_ending": ".png"}
 
@@ -73,3 +73,17 @@ def test_long_lists_are_cut_and_valid_folders_pass(tmp_path):
     check_input_images(good, RGB_DATASET, NaturalImage2DIO())
     with pytest.raises(ConfigError, match="No input images ending in '.png' in"):
         check_input_images(tmp_path / "empty", RGB_DATASET, NaturalImage2DIO())
+
+
+def test_the_command_offers_nnunets_predict_flags_with_our_trainer_and_trust():
+    """Users know nnUNetv2_predict's flags; -tr defaults to ours; loading full pickles is the user's choice."""
+    parser = build_parser()
+    usage = parser.format_help()
+    for flag in ("-i", "-o", "-d", "-p", "-tr", "-c", "-f", "-step_size", "--disable_tta", "--verbose",
+                 "--save_probabilities", "--continue_prediction", "-chk", "-npp", "-nps", "-prev_stage_predictions",
+                 "-num_parts", "-part_id", "-device", "--disable_progress_bar", "--not_on_device",
+                 "--trust_checkpoint"):
+        assert re.search(rf"(^|\s|\[){re.escape(flag)}\b", usage), flag
+    args = parser.parse_args(["-i", "in", "-o", "out", "-d", "1", "-c", "2d", "-device", "cpu"])
+    assert (args.tr, args.d, args.device, args.f, args.trust_checkpoint) == (
+        "nnUNetTrainer_vit", "1", "cpu", ["0", "1", "2", "3", "4"], False)

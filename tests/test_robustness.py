@@ -317,6 +317,23 @@ def test_prediction_input_errors_write_nothing(nnunet_env, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_prediction_reads_each_checkpoint_once(nnunet_env, tmp_path, monkeypatch):
+    """The model check and the predictor share one read of each fold's checkpoint."""
+    from nnunetv2.vit import stored
+
+    _, dataset, results = nnunet_env
+    trainer = make_trainer()
+    _write_results_folder(trainer)
+    reads = []
+    read = stored.read_checkpoint
+    monkeypatch.setattr(stored, "read_checkpoint",
+                        lambda path, **kwargs: reads.append(str(path)) or read(path, **kwargs))
+    out = tmp_path / "predictions"
+    predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+                      "-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"])
+    assert reads == [os.path.join(trainer.output_folder, "checkpoint_final.pth")]
+    assert len(list(out.glob("*.png"))) == len(list((dataset / "imagesTs").glob("*.png")))
+
 def test_dataset_errors_write_nothing(nnunet_env, tmp_path, capsys):
     root, _, results = nnunet_env
     config = tmp_path / "c.yaml"
