@@ -235,6 +235,7 @@ def predict(args: argparse.Namespace) -> None:
                                 verbose=args.verbose, verbose_preprocessing=args.verbose,
                                 allow_tqdm=not args.disable_progress_bar)
     initialize_predictor(predictor, model)
+    os.makedirs(args.o, exist_ok=True)  # upstream's sequential prediction does not make it
     if args.npp == 0 and args.nps == 0:  # upstream's switch to predicting in this process only
         predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
                                                 overwrite=not args.continue_prediction,
