@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -59,8 +59,25 @@ import numpy as np  # noqa: E402
 from quality import train_unet  # noqa: E402  (benchmarks/quality.py: upstream's U-Net at a budget)
 
 SOURCE_ID, SOURCE_NAME = 996, "TransferSource"
-TARGET_ID, TARGET_NAME = 997, "TransferTarget"
 VESSEL = 1
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target dataset: its nnU-Net id and name, and the classes scored on its test split."""
+    dataset_id: int
+    name: str
+    classes: Dict[str, int]
+
+    @property
+    def folder_name(self) -> str:
+        return f"Dataset{self.dataset_id:03d}_{self.name}"
+
+
+# ``angio``: the transfer target. ``fundus``: the source's own kind of images (other cases, fewer labels), a check
+# that a backbone which has learned the structures helps when they are the same.
+TARGETS = {"angio": Target(997, "TransferTarget", {"vessel": VESSEL}),
+           "fundus": Target(995, "TransferFundus", {"vessel": VESSEL, "disc": 2})}
 # The source runs 3x the demo's budget; every target row the demo's (10 x 20 iterations, batch 2).
 SOURCE_BUDGET = {"num_epochs": 20, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2}
 TARGET_BUDGET = {"num_epochs": 10, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 2}
@@ -97,20 +114,22 @@ class Row:
     name: str
     trainable: int = 0
     train_s: List[float] = field(default_factory=list)  # per seed
-    vessel: List[Dict[str, float]] = field(default_factory=list)  # per seed: test vessel Dice per case
+    dice: List[Dict[str, Dict[str, float]]] = field(default_factory=list)  # per seed: class -> test case -> Dice
+
     error: str = ""
 
-    def mean(self) -> float:
-        """Test vessel Dice over every case of every seed."""
-        values = [v for run in self.vessel for v in run.values()]
+    def mean(self, cls: str) -> float:
+        """Test Dice of ``cls`` over every case of every seed."""
+        values = [v for run in self.dice for v in run[cls].values()]
         return float(np.mean(values)) if values else float("nan")
 
-    def seed_means(self) -> List[float]:
-        return [float(np.mean(list(run.values()))) for run in self.vessel]
+    def seed_means(self, cls: str) -> List[float]:
+        return [float(np.mean(list(run[cls].values()))) for run in self.dice]
 
-    def case_means(self) -> List[float]:
-        """Each test case's Dice, averaged over the seeds."""
-        return [float(np.mean([run[case] for run in self.vessel])) for case in self.vessel[0]] if self.vessel else []
+    def case_means(self, cls: str) -> List[float]:
+        """Each test case's Dice of ``cls``, averaged over the seeds."""
+        return [float(np.mean([run[cls][case] for run in self.dice])) for case in self.dice[0][cls]] if self.dice \
+            else []
 
 
 @contextlib.contextmanager
@@ -173,7 +192,7 @@ def write_target_dataset(raw_root: Path, size: int, num_train: int, num_test: in
     """The target dataset in nnU-Net's raw format (written once; reused when complete)."""
     from PIL import Image
 
-    folder = raw_root / f"Dataset{TARGET_ID:03d}_{TARGET_NAME}"
+    folder = raw_root / TARGETS["angio"].folder_name
     record = {"size": size, "num_train": num_train, "num_test": num_test}
     written = folder / "dataset.json"
     if written.is_file() and json.loads(written.read_text()).get("record") == record:
@@ -188,7 +207,7 @@ def write_target_dataset(raw_root: Path, size: int, num_train: int, num_test: in
             Image.fromarray(label).save(folder / f"labels{split}" / f"{case}.png")
     (folder / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "R", "1": "G", "2": "B"}, "labels": {"background": 0, "vessel": VESSEL},
-        "numTraining": num_train, "file_ending": ".png", "name": TARGET_NAME, "record": record,
+        "numTraining": num_train, "file_ending": ".png", "name": TARGETS["angio"].name, "record": record,
         "description": "Synthetic grey angiogram-like images with bright vessels (benchmarks/transfer.py)."},
         indent=1))
     return folder
@@ -231,9 +250,10 @@ def train_vit(dataset_id: int, configuration: str, config: Path, device: str, se
     return Path(trainer.output_folder)
 
 
-def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row) -> None:
-    """Predict the test split with the final checkpoint; add the run's Dice per case to the row, and set its trainable
-    parameter count."""
+def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, classes: Dict[str, int], out: Path,
+                      device: str, row: Row) -> None:
+    """Predict the test split with the final checkpoint; add the run's Dice per class and case to the row, and set its
+    trainable parameter count."""
     import torch
     from nnunetv2.imageio.natural_image_reader_writer import NaturalImage2DIO
     from PIL import Image
@@ -245,26 +265,30 @@ def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out
                                              trainer_class=trainer_class)
     row.trainable = sum(p.numel() for p in predictor.network.parameters() if p.requires_grad)
     out.mkdir(parents=True, exist_ok=True)
-    scores: Dict[str, float] = {}
+    scores: Dict[str, Dict[str, float]] = {cls: {} for cls in classes}
     for label_file in sorted((dataset / "labelsTs").glob("*.png")):  # in this process: no worker start-up costs
         image, properties = NaturalImage2DIO().read_images([str(dataset / "imagesTs" / f"{label_file.stem}_0000.png")])
         prediction = predictor.predict_single_npy_array(image, properties)[0].astype(np.uint8)
         Image.fromarray(prediction).save(out / label_file.name)
-        scores[label_file.stem] = dice(np.asarray(Image.open(label_file)), prediction, VESSEL)
-    row.vessel.append(scores)
+        label = np.asarray(Image.open(label_file))
+        for cls, value in classes.items():
+            scores[cls][label_file.stem] = dice(label, prediction, value)
+    row.dice.append(scores)
 
 
-def table(rows: List[Row]) -> str:
-    lines = ["| row | test vessel Dice | per seed | trainable params (M) | train s per run | Dice per test case (mean "
-             "over seeds) |", "|---|---:|---|---:|---:|---|"]
+def table(rows: List[Row], classes: Sequence[str]) -> str:
+    head = "".join(f" {cls} Dice | per seed |" for cls in classes)
+    lines = [f"| row |{head} trainable params (M) | train s per run | Dice per test case (mean over seeds) |",
+             "|---|" + "---:|---|" * len(classes) + "---:|---:|---|"]
     for row in rows:
         if row.error:
-            lines.append(f"| {row.name} | | | | | failed: {row.error} |")
+            lines.append(f"| {row.name} |" + " | |" * len(classes) + f" | | failed: {row.error} |")
             continue
-        seeds = " ".join(f"{v:.3f}" for v in row.seed_means())
-        cases = " ".join(f"{v:.3f}" for v in row.case_means())
-        lines.append(f"| {row.name} | {row.mean():.3f} | {seeds} | {row.trainable / 1e6:.2f} | "
-                     f"{np.mean(row.train_s):.0f} | {cases} |")
+        scores = "".join(f" {row.mean(cls):.3f} | {' '.join(f'{v:.3f}' for v in row.seed_means(cls))} |"
+                         for cls in classes)
+        cases = "; ".join((f"{cls}: " if len(classes) > 1 else "") + " ".join(f"{v:.3f}" for v in row.case_means(cls))
+                          for cls in classes)
+        lines.append(f"| {row.name} |{scores} {row.trainable / 1e6:.2f} | {np.mean(row.train_s):.0f} | {cases} |")
     return "\n".join(lines)
 
 
@@ -275,6 +299,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="data, preprocessing, the exported backbone and results go here (reused between runs)")
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--markdown", default=None, help="also write the table to this Markdown file")
+    parser.add_argument("--target", default="angio", choices=list(TARGETS),
+                        help="angio: the transfer target (default); fundus: the source's kind of images, other cases")
     parser.add_argument("--seeds", type=int, default=1,
                         help="train and score each row this many times, with seeds 0, 1, ... (default: 1)")
     parser.add_argument("--smoke", action="store_true",
@@ -331,10 +357,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         export_backbone(fold / "checkpoint_final.pth", backbone)
         print(f"=== source: backbone exported to {backbone}", flush=True)
 
-    dataset = write_target_dataset(workdir / "nnUNet_raw", size, num_train, num_test)
-    plan(TARGET_ID, preprocessed, dataset.name)
+    target = TARGETS[args.target]
+    if args.target == "angio":
+        dataset = write_target_dataset(workdir / "nnUNet_raw", size, num_train, num_test)
+    else:  # seed 1: other cases than the source's (seed 0)
+        dataset = write_demo_dataset(workdir / "nnUNet_raw", target.dataset_id, target.name, num_train=num_train,
+                                     num_test=num_test, size=size, seed=1)
+    plan(target.dataset_id, preprocessed, dataset.name)
     if "unet" in args.rows and not (preprocessed / dataset.name / "nnUNetPlans_2d").is_dir():
-        preprocess([TARGET_ID], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
+        preprocess([target.dataset_id], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
 
     rows: List[Row] = []
     out_json = run_dir / "transfer.json"
@@ -346,30 +377,31 @@ def main(argv: Optional[List[str]] = None) -> None:
                 started = time.monotonic()
                 if name == "unet":
                     with seeded(seed):
-                        fold = train_unet(f"Dataset{TARGET_ID:03d}_{TARGET_NAME}", device, target_budget, BATCH_SIZE)
+                        fold = train_unet(target.folder_name, device, target_budget, BATCH_SIZE)
                 else:
                     override = json.loads(json.dumps(ROWS[name]).replace("{backbone}", str(backbone)))
                     config = write_config(merged(merged(BASE_CONFIG, override), {"train": target_budget}),
                                           run_dir / "configs" / f"{name}.yaml")
-                    fold = train_vit(TARGET_ID, f"2d_{name}", config, device, seed)
+                    fold = train_vit(target.dataset_id, f"2d_{name}", config, device, seed)
                 row.train_s.append(time.monotonic() - started)
                 predict_and_score(nnUNetTrainer if name == "unet" else nnUNetTrainer_vit, fold, dataset,
-                                  run_dir / "predictions" / name / f"seed{seed}", device, row)
-                print(f"=== {name}, seed {seed}: test vessel Dice {row.seed_means()[-1]:.3f}, {row.trainable:,} "
-                      f"trainable parameters, {row.train_s[-1]:.0f} s", flush=True)
+                                  target.classes, run_dir / "predictions" / name / f"seed{seed}", device, row)
+                scores = ", ".join(f"{cls} {row.seed_means(cls)[-1]:.3f}" for cls in target.classes)
+                print(f"=== {name}, seed {seed}: test Dice {scores}, {row.trainable:,} trainable parameters, "
+                      f"{row.train_s[-1]:.0f} s", flush=True)
         except Exception as err:  # one failing row must not lose the others
             row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
             print(f"=== {name}: {row.error}", flush=True)
         rows.append(row)
-        out_json.write_text(json.dumps({"device": device, "source_budget": source_budget,
+        out_json.write_text(json.dumps({"device": device, "target": args.target, "source_budget": source_budget,
                                         "target_budget": target_budget, "batch_size": BATCH_SIZE,
                                         "seeds": args.seeds, "total_s": round(time.monotonic() - started_all),
                                         "rows": [asdict(r) for r in rows]}, indent=1))
         if args.markdown:
-            Path(args.markdown).write_text(table(rows) + "\n")
-    print("\n" + table(rows))
+            Path(args.markdown).write_text(table(rows, list(target.classes)) + "\n")
+    print("\n" + table(rows, list(target.classes)))
     print(f"\nresults: {out_json} ({time.monotonic() - started_all:.0f} s in all)")
-    if any(math.isnan(row.mean()) or row.error for row in rows):
+    if any(math.isnan(row.mean(cls)) or row.error for row in rows for cls in target.classes):
         sys.exit(1)
 
 

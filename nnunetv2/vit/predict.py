@@ -90,10 +90,11 @@ class TrainedModel:
 
 def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]],
                        checkpoint_name: str = "checkpoint_final.pth", trust: bool = False,
-                       configuration: Optional[str] = None) -> TrainedModel:
+                       configuration: Optional[str] = None, vit: bool = True) -> TrainedModel:
     """Read a trained model folder, refusing a missing model and a checkpoint that is missing, holds another model
     than the folder's plans.json or more than plain data (unless ``trust``). ``configuration``: the one asked for
-    (default: the first checkpoint's)."""
+    (default: the first checkpoint's). ``vit`` false: a model of another trainer (upstream's U-Net, which the
+    benchmarks predict next to ours), read without the ViT config checks."""
     from nnunetv2.vit.config import ViTConfig
     from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
 
@@ -109,7 +110,7 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
             raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{name}'.")
         return config
 
-    config = None if configuration is None else planned_config(configuration)
+    config = None if configuration is None or not vit else planned_config(configuration)
     checkpoints = []
     for fold in folds:
         checkpoint_file = folder / f"fold_{fold}" / checkpoint_name
@@ -117,10 +118,12 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
             raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
                               f"(e.g. -f 0) or another checkpoint with -chk.")
         checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust)
-        if config is None:
-            configuration = checkpoint["init_args"]["configuration"]
-            config = planned_config(configuration)
-        require_same_model(stored_config(checkpoint, configuration), config, str(checkpoint_file), str(plans_file))
+        if vit:
+            if config is None:
+                configuration = checkpoint["init_args"]["configuration"]
+                config = planned_config(configuration)
+            require_same_model(stored_config(checkpoint, configuration), config, str(checkpoint_file),
+                               str(plans_file))
         checkpoints.append(checkpoint)
     return TrainedModel(folder, plans, load_json(str(folder / "dataset.json")), checkpoints)
 
@@ -158,8 +161,13 @@ def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence
                                  checkpoint_name: str = "checkpoint_final.pth",
                                  trainer_class: Optional[type] = None,
                                  trust_checkpoint: bool = False) -> nnUNetPredictor:
-    """A predictor for a trained model folder with upstream's defaults (TTA, Gaussian tiles), quiet."""
-    model = read_trained_model(model_folder, folds, checkpoint_name, trust_checkpoint)
+    """A predictor for a trained model folder with upstream's defaults (TTA, Gaussian tiles), quiet. ``trainer_class``
+    builds the network (default: the checkpoints' trainer); another than nnUNetTrainer_vit or a subclass (upstream's
+    U-Net) reads the model without the ViT config checks."""
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+    vit = trainer_class is None or issubclass(trainer_class, nnUNetTrainer_vit)
+    model = read_trained_model(model_folder, folds, checkpoint_name, trust_checkpoint, vit=vit)
     predictor = nnUNetPredictor(device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     initialize_predictor(predictor, model, trainer_class)
     return predictor
