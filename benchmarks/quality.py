@@ -114,6 +114,18 @@ def user_config(path: Path, name: str, workdir: Path) -> Path:
     return out
 
 
+def nnunet_folders(workdir: Path) -> Path:
+    """Point nnU-Net at ``workdir`` (before anything imports ``nnunetv2.paths``, which reads the variables once): raw
+    data and preprocessing shared between runs, results in a folder of this run's own, ``runs/<time>``, returned."""
+    run_dir = workdir / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for var, path in (("nnUNet_raw", workdir / "nnUNet_raw"), ("nnUNet_preprocessed", workdir / "nnUNet_preprocessed"),
+                      ("nnUNet_results", run_dir / "nnUNet_results")):
+        os.environ[var] = str(path)
+        path.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+    return run_dir
+
+
 def train_unet(dataset: str, device: str, budget: Optional[Dict[str, int]] = None,
                batch_size: Optional[int] = None) -> Path:
     """Upstream's trainer and 2D U-Net with only the budget (default ``BUDGET``) and, if given, the batch size
@@ -218,33 +230,24 @@ def against_unet(rows: List[Row], classes: List[str]) -> str:
 
 def write_panel(rows: List[Row], dataset: Path, predictions: Path, out_file: Path, labels: Dict[str, int]) -> None:
     """One line per test case: the image, the ground truth and each row's prediction with its Dice per class."""
-    import matplotlib
     import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
+
+    from nnunetv2.vit.demo import save_panels
 
     rows = [r for r in rows if not r.error]
     cases = sorted(p.stem for p in (dataset / "labelsTs").glob("*.png"))
-    top = max(labels.values())
-    fig, axes = plt.subplots(len(cases), 2 + len(rows), figsize=(2.6 * (2 + len(rows)), 2.8 * len(cases)),
-                             squeeze=False)
-    for line, case in zip(axes, cases):
-        panels = [(np.asarray(Image.open(dataset / "imagesTs" / f"{case}_0000.png")), dict(cmap="gray"), case),
-                  (np.asarray(Image.open(dataset / "labelsTs" / f"{case}.png")), dict(cmap="viridis", vmin=0, vmax=top),
-                   "ground truth")]
+    labelled = dict(cmap="viridis", vmin=0, vmax=max(labels.values()))
+    lines = []
+    for case in cases:
+        line = [(np.asarray(Image.open(dataset / "imagesTs" / f"{case}_0000.png")), dict(cmap="gray"), case),
+                (np.asarray(Image.open(dataset / "labelsTs" / f"{case}.png")), labelled, "ground truth")]
         for row in rows:
             scores = " ".join(f"{c[:6]} {row.dice[c][case]:.2f}" for c in foreground(labels))
-            panels.append((np.asarray(Image.open(predictions / row.name / f"{case}.png")),
-                           dict(cmap="viridis", vmin=0, vmax=top), f"{row.name}\n{scores}"))
-        for ax, (array, style, title) in zip(line, panels):
-            ax.imshow(array, interpolation="nearest", **style)
-            ax.set_title(title, fontsize=8)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=80)
-    plt.close(fig)
+            line.append((np.asarray(Image.open(predictions / row.name / f"{case}.png")), labelled,
+                         f"{row.name}\n{scores}"))
+        lines.append(line)
+    save_panels(lines, out_file, panel_size=(2.6, 2.8), fontsize=8, dpi=80)
 
 
 def write_dataset(family: str, raw: Path, size: int) -> Path:
@@ -283,13 +286,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     started_all = time.monotonic()  # the data and preprocessing (first run) count too
 
     workdir = Path(args.workdir).resolve()
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = workdir / "runs" / stamp
-    for var, path in (("nnUNet_raw", workdir / "nnUNet_raw"), ("nnUNet_preprocessed", workdir / "nnUNet_preprocessed"),
-                      ("nnUNet_results", run_dir / "nnUNet_results")):
-        os.environ[var] = str(path)
-        path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+    run_dir = nnunet_folders(workdir)
 
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer

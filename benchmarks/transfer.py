@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import math
 import os
@@ -56,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from quality import train_unet  # noqa: E402  (benchmarks/quality.py: upstream's U-Net at a budget)
+from quality import nnunet_folders, train_unet  # noqa: E402  (benchmarks/quality.py)
 
 SOURCE_ID, SOURCE_NAME = 996, "TransferSource"
 VESSEL = 1
@@ -317,12 +316,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         size = source_size = SMOKE["size"]
         num_train, num_test = SMOKE["train"], SMOKE["test"]
     workdir = Path(args.workdir).resolve()
-    run_dir = workdir / "runs" / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    for var, path in (("nnUNet_raw", workdir / "nnUNet_raw"), ("nnUNet_preprocessed", workdir / "nnUNet_preprocessed"),
-                      ("nnUNet_results", run_dir / "nnUNet_results")):
-        os.environ[var] = str(path)
-        path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+    run_dir = nnunet_folders(workdir)
 
     import torch
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess

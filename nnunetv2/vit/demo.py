@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -73,32 +73,41 @@ def dice(reference: np.ndarray, prediction: np.ndarray, label: int) -> float:
     return float(2 * np.logical_and(ref, pred).sum() / denominator) if denominator else float("nan")
 
 
-def write_panel(cases: List[str], dataset: Path, predictions: Path, out_file: Path, scores: Dict[str, float]) -> None:
-    """Image, ground truth and prediction side by side for a few test cases."""
+Panel = Tuple[np.ndarray, dict, str]  # an image, its imshow style and its title
+
+
+def save_panels(lines: List[List[Panel]], out_file: Path, panel_size: Tuple[float, float], fontsize: int,
+                dpi: int) -> None:
+    """A grid of images without axes, one line of panels per test case, written to ``out_file``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    width = max(len(line) for line in lines)
+    fig, axes = plt.subplots(len(lines), width, figsize=(panel_size[0] * width, panel_size[1] * len(lines)),
+                             squeeze=False)
+    for line_axes, line in zip(axes, lines):
+        for ax, (array, style, title) in zip(line_axes, line):
+            ax.imshow(array, interpolation="nearest", **style)
+            ax.set_title(title, fontsize=fontsize)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=dpi)
+    plt.close(fig)
+
+
+def write_panel(cases: List[str], dataset: Path, predictions: Path, out_file: Path, scores: Dict[str, float]) -> None:
+    """Image, ground truth and prediction side by side for a few test cases."""
     from matplotlib.colors import ListedColormap
     from PIL import Image
 
-    colours = ListedColormap(["black", "red", "yellow"])
-    fig, axes = plt.subplots(len(cases), 3, figsize=(9, 3 * len(cases)), squeeze=False)
-    for row, case in zip(axes, cases):
-        panels = [
-            (np.asarray(Image.open(dataset / "imagesTs" / f"{case}_0000.png")), {}, case),
-            (np.asarray(Image.open(dataset / "labelsTs" / f"{case}.png")), dict(cmap=colours, vmin=0, vmax=2),
-             "ground truth"),
-            (np.asarray(Image.open(predictions / f"{case}.png")), dict(cmap=colours, vmin=0, vmax=2),
-             f"prediction (vessel Dice {scores[case]:.3f})"),
-        ]
-        for ax, (array, style, title) in zip(row, panels):
-            ax.imshow(array, interpolation="nearest", **style)
-            ax.set_title(title, fontsize=9)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out_file, dpi=100)
-    plt.close(fig)
+    colours = dict(cmap=ListedColormap(["black", "red", "yellow"]), vmin=0, vmax=2)
+    lines = [[(np.asarray(Image.open(dataset / "imagesTs" / f"{case}_0000.png")), {}, case),
+              (np.asarray(Image.open(dataset / "labelsTs" / f"{case}.png")), colours, "ground truth"),
+              (np.asarray(Image.open(predictions / f"{case}.png")), colours,
+               f"prediction (vessel Dice {scores[case]:.3f})")] for case in cases]
+    save_panels(lines, out_file, panel_size=(3.0, 3.0), fontsize=9, dpi=100)
 
 
 def demo_config(config_path: Path, pretrained: bool, output: Path) -> Path:
