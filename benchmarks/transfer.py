@@ -8,7 +8,9 @@
    as ``model.checkpoint_path``).
 3. Target task: a different synthetic family (``make_target_case``): grey angiogram-like images, BRIGHT vessels on
    a dark background (the source's are dark on orange), 1.6x wider, no optic-disc label, 128x128; 8 labelled
-   cases (fold 0 trains on 6, validates on 2) and 8 held-out test cases.
+   cases (fold 0 trains on 6, validates on 2) and 8 held-out test cases. ``--target fundus``: the source's own
+   kind of images instead (other cases, vessel and disc scored), to see whether the backbone helps where the
+   structures are the very same.
 4. Every row trains on the target with one budget (``TARGET_BUDGET``, batch 2) and predicts the test split:
    - ``random``: the demo's DPT (detail path on) from random weights;
    - ``full``: pretrained, every parameter at the same learning rate;
@@ -23,12 +25,15 @@
    ViT resolves these vessels too coarsely for its backbone to matter (at 128x128 every row, a frozen random
    backbone included, ended at 0.50-0.52 Dice: ``benchmarks/RESULTS.md``). Rows are trained as
    ``nnUNetv2_train_vit.py`` trains them but without the final validation of fold 0 (the U-Net row likewise), and
-   the test split is predicted in this process: worker start-ups cost minutes on a busy CPU.
+   the test split is predicted in this process: worker start-ups cost minutes on a busy CPU. ``--seeds N``
+   trains each row N times (seeds 0..N-1), each run repeatable: augmentation runs in this process, seeded.
 
-Printed per row: test vessel Dice (mean and per case), trainable parameters, training time.
+Printed per row: test Dice per class (mean, per seed, per case), trainable parameters, training time. What the
+rows showed, and why the pretrained ones did not beat random init here: ``benchmarks/RESULTS.md``.
 
-    .venv/bin/python benchmarks/transfer.py          # all rows (timing: benchmarks/RESULTS.md)
-    .venv/bin/python benchmarks/transfer.py --rows random frozen --markdown table.md
+    .venv/bin/python benchmarks/transfer.py --seeds 2   # all rows (~37 min on 2 CPU cores; RESULTS.md)
+    .venv/bin/python benchmarks/transfer.py --rows random frozen frozen_random --markdown table.md
+    .venv/bin/python benchmarks/transfer.py --target fundus --rows random full frozen_random
 
 Data, preprocessing and the exported backbone live in ``--workdir`` (default ``benchmarks/results/transfer``)
 and are reused; each run trains into a results folder of its own there. The table is written as JSON after every
