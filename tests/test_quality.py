@@ -60,3 +60,34 @@ def test_against_unet_gives_the_gaps_and_the_failed_cases():
     assert quality.against_unet(rows, ["crack", "blob"]) == (
         "- vit against unet: crack -0.025, blob -0.475; below 0.5 where unet > 0.9: c0 blob 0.100 (unet 0.950)")
     assert quality.against_unet(rows[1:], ["crack"]) == ""
+
+
+def test_the_reference_unet_rows_get_a_predictor(nnunet_env):
+    """The benchmarks predict upstream's U-Net (plans without a ViT config, trained by a trainer of theirs) with
+    ``predictor_from_trained_model`` and ``nnUNetTrainer``, as they predict the ViT rows."""
+    import shutil
+
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2.vit.predict import predictor_from_trained_model
+
+    root, dataset, results = nnunet_env
+    preprocessed = root / "preprocessed" / dataset.name
+    plans, dataset_json = load_json(str(preprocessed / "nnUNetPlans.json")), load_json(str(dataset / "dataset.json"))
+    manager = PlansManager(plans)
+    network = nnUNetTrainer.build_network_architecture(manager, manager.get_configuration("2d"), 3, 3, False)
+    model_folder = results / "unet"
+    (model_folder / "fold_0").mkdir(parents=True)
+    shutil.copy(preprocessed / "nnUNetPlans.json", model_folder / "plans.json")
+    shutil.copy(dataset / "dataset.json", model_folder / "dataset.json")
+    torch.save({"network_weights": network.state_dict(), "trainer_name": "nnUNetTrainer_budget",
+                "init_args": {"plans": plans, "configuration": "2d", "fold": 0, "dataset_json": dataset_json},
+                "inference_allowed_mirroring_axes": (0, 1)}, model_folder / "fold_0" / "checkpoint_final.pth")
+
+    predictor = predictor_from_trained_model(model_folder, device=torch.device("cpu"), trainer_class=nnUNetTrainer)
+    weights = predictor.list_of_parameters[0]
+    assert weights.keys() == network.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in network.state_dict().items())
