@@ -119,7 +119,6 @@ class Row:
     trainable: int = 0
     train_s: List[float] = field(default_factory=list)  # per seed
     dice: List[Dict[str, Dict[str, float]]] = field(default_factory=list)  # per seed: class -> test case -> Dice
-
     error: str = ""
 
     def mean(self, cls: str) -> float:
@@ -162,19 +161,10 @@ def seeded(seed: int) -> Iterator[None]:
 def make_target_case(rng: np.random.Generator, size: int) -> tuple:
     """A grey angiogram-like image (RGB, R = G = B) and its vessel label (1 = vessel): the demo's vessel trees
     1.6x wider, drawn bright on a dark, unevenly lit field of view, with a faint unlabelled bright disc."""
-    from nnunetv2.vit.demo_data import _blur121, _grow_vessels, _rasterise, _smooth_field
+    from nnunetv2.vit.demo_data import _blur121, _grow_vessels, _rasterise, _smooth_field, fundus_anatomy
 
-    c = (size - 1) / 2.0
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    fov_r = size * rng.uniform(0.455, 0.485)
-    rr = np.hypot(xx - c, yy - c) / fov_r
-    fov = rr <= 1.0
-    side = 1 if rng.random() < 0.5 else -1
-    disc_ry = fov_r * rng.uniform(0.13, 0.16)
-    disc_rx = disc_ry * rng.uniform(0.8, 0.95)
-    disc_x, disc_y = c + side * fov_r * rng.uniform(0.33, 0.42), c + fov_r * rng.uniform(-0.1, 0.1)
-    mac_x, mac_y = disc_x - side * fov_r * rng.uniform(0.66, 0.76), disc_y + fov_r * rng.uniform(0.0, 0.08)
-    mac_sigma = fov_r * rng.uniform(0.1, 0.14)
+    c, yy, xx, fov_r, rr, fov, side, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, mac_sigma) = \
+        fundus_anatomy(rng, size)
 
     img = rng.uniform(0.12, 0.2) * (1.0 - rng.uniform(0.3, 0.5) * rr ** 2) + 0.08 * _smooth_field(rng, size, 12)
     ell = np.hypot((xx - disc_x) / disc_rx, (yy - disc_y) / disc_ry)

@@ -194,6 +194,25 @@ def _rasterise(segs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     return cov.reshape(2, size, size), mask.reshape(size, size)
 
 
+def fundus_anatomy(rng: np.random.Generator, size: int) -> tuple:
+    """A fundus image's geometry, drawn from ``rng``: centre ``c``, pixel grids ``yy, xx``, field-of-view radius
+    ``fov_r``, radius map ``rr`` and mask ``fov``, the side of the optic disc, the disc ``(x, y, rx, ry)`` off
+    centre on that side and the macula ``(x, y, sigma)`` on the other side, slightly below."""
+    c = (size - 1) / 2.0
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    fov_r = size * rng.uniform(0.455, 0.485)
+    rr = np.hypot(xx - c, yy - c) / fov_r
+    side = 1 if rng.random() < 0.5 else -1
+    disc_ry = fov_r * rng.uniform(0.13, 0.16)
+    disc_rx = disc_ry * rng.uniform(0.8, 0.95)
+    disc_x = c + side * fov_r * rng.uniform(0.33, 0.42)
+    disc_y = c + fov_r * rng.uniform(-0.1, 0.1)
+    mac_x = disc_x - side * fov_r * rng.uniform(0.66, 0.76)
+    mac_y = disc_y + fov_r * rng.uniform(0.0, 0.08)
+    mac_sigma = fov_r * rng.uniform(0.1, 0.14)
+    return c, yy, xx, fov_r, rr, rr <= 1.0, side, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, mac_sigma)
+
+
 def make_fundus_case(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """Draw one synthetic fundus photograph and its segmentation.
 
@@ -205,21 +224,8 @@ def make_fundus_case(rng: np.random.Generator, size: int = 256) -> tuple[np.ndar
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     s = size / 256.0
-    c = (size - 1) / 2.0
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    fov_r = size * rng.uniform(0.455, 0.485)
-    rr = np.hypot(xx - c, yy - c) / fov_r
-    fov = rr <= 1.0
-
-    # anatomy: disc off centre on a random side, macula on the other side, slightly below
-    side = 1 if rng.random() < 0.5 else -1
-    disc_ry = fov_r * rng.uniform(0.13, 0.16)
-    disc_rx = disc_ry * rng.uniform(0.8, 0.95)
-    disc_x = c + side * fov_r * rng.uniform(0.33, 0.42)
-    disc_y = c + fov_r * rng.uniform(-0.1, 0.1)
-    mac_x = disc_x - side * fov_r * rng.uniform(0.66, 0.76)
-    mac_y = disc_y + fov_r * rng.uniform(0.0, 0.08)
-    mac_sigma = fov_r * rng.uniform(0.1, 0.14)
+    c, yy, xx, fov_r, rr, fov, side, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, mac_sigma) = \
+        fundus_anatomy(rng, size)
 
     # background: base colour x vignette x broad blobs x texture
     base = np.array([rng.uniform(0.72, 0.88), rng.uniform(0.27, 0.36), rng.uniform(0.08, 0.15)])
