@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +58,29 @@ def test_plain_data_loads_and_code_is_refused(tmp_path):
     assert marker.read_text() == "ran"  # the payload works: refusing it above is what kept it from running
 
 
-def train_tiny(tmp_path: Path, configuration: str = "2d") -> Path:
-    config = tmp_path / "tiny.yaml"
+@pytest.fixture(scope="module")
+def trained_tiny(workspace, tmp_path_factory):
+    """One tiny training (1 epoch, checkpoint every epoch) on the session's dataset, shared by this module's tests:
+    ``(results folder, config)``. Tests get a copy of the results (``copy_trained``): they poison its checkpoints."""
+    root, env, _ = workspace
+    folder = tmp_path_factory.mktemp("trained_tiny")
+    config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {**TINY_TRAIN, "save_every": 1}}))
-    train_cli.main([str(DATASET_ID), configuration, "0", "--config", str(config), "-device", "cpu"])
-    return config
+    with pytest.MonkeyPatch.context() as patch:
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+            patch.setenv(var, env[var])
+        patch.setenv("nnUNet_results", str(folder / "results"))
+        try:
+            train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu"])
+        finally:
+            torch.set_num_threads(1)  # as the cpu_command fixture: -device cpu takes every core
+    return folder / "results", config
+
+
+def copy_trained(trained_tiny: tuple, results: Path) -> Path:
+    """The shared training's results, copied to ``results`` (this test's nnUNet_results); its config."""
+    shutil.copytree(trained_tiny[0], results)
+    return trained_tiny[1]
 
 
 def fold_folder(results: Path) -> Path:
@@ -84,10 +103,10 @@ def test_backbone_checkpoint_with_code_needs_trust(nnunet_env, tmp_path, capsys,
     assert not marker.exists()
 
 
-def test_resume_and_pretrained_weights_with_code_need_trust(nnunet_env, tmp_path, capsys, cpu_command):
+def test_resume_and_pretrained_weights_with_code_need_trust(trained_tiny, nnunet_env, tmp_path, capsys, cpu_command):
     _, _, results = nnunet_env
     marker = tmp_path / "marker"
-    config = train_tiny(tmp_path)
+    config = copy_trained(trained_tiny, results)
     final = fold_folder(results) / "checkpoint_final.pth"
     poison(final, marker)
 
@@ -108,10 +127,10 @@ def test_resume_and_pretrained_weights_with_code_need_trust(nnunet_env, tmp_path
     assert marker.exists()  # the user's word: loaded as a full pickle
 
 
-def test_prediction_with_code_in_the_checkpoint_needs_trust(nnunet_env, tmp_path, capsys, cpu_command):
+def test_prediction_with_code_in_the_checkpoint_needs_trust(trained_tiny, nnunet_env, tmp_path, capsys, cpu_command):
     _, dataset, results = nnunet_env
     marker = tmp_path / "marker"
-    train_tiny(tmp_path)
+    copy_trained(trained_tiny, results)
     poison(fold_folder(results) / "checkpoint_final.pth", marker)
     out = tmp_path / "predictions"
     argv = ["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
