@@ -9,9 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # evaluation processes, each importing torch, on 2-core test machines; commands the tests start get it too.
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -59,6 +63,58 @@ def nnunet_env(workspace, tmp_path, monkeypatch):
         monkeypatch.setenv(var, env[var])
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     return root, dataset, tmp_path / "results"
+
+
+@pytest.fixture(scope="session")
+def planned_vit(workspace, tmp_path_factory):
+    """'2d_vit' planned and preprocessed by nnUNetv2_plan_vit.py for test_planning's tiny model, then trained on fold 0,
+    on a copy of the session's dataset; done once for the tests that check this workflow (test_planning) and those
+    that run upstream's commands on its result (test_upstream_commands). Use it through ``planned_vit_copy``.
+    Holds the raw and preprocessed dataset folders, the results folder, the config, and what planning and training
+    printed (``plan_out``, ``train_out``)."""
+    from nnunetv2.vit import plan as plan_cli
+    from nnunetv2.vit import train as train_cli
+    from test_planning import write_config
+
+    root, env, dataset = workspace
+    base = tmp_path_factory.mktemp("planned_vit")
+    raw, preprocessed, results = base / "raw" / dataset.name, base / "preprocessed" / dataset.name, base / "results"
+    shutil.copytree(dataset, raw)
+    shutil.copytree(root / "preprocessed" / dataset.name, preprocessed)
+    config = write_config(base / "vit.yaml")
+    plan_out, train_out = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        for var in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+            patch.setenv(var, env[var])
+        patch.setenv("nnUNet_raw", str(raw.parent))
+        patch.setenv("nnUNet_preprocessed", str(preprocessed.parent))
+        patch.setenv("nnUNet_results", str(results))
+        try:
+            with contextlib.redirect_stdout(plan_out):
+                plan_cli.main([str(DATASET_ID), "--config", config, "-c", "2d_vit", "-np", "1"])
+            with contextlib.redirect_stdout(train_out):
+                train_cli.main([str(DATASET_ID), "2d_vit", "0", "--config", config, "-device", "cpu"])
+        finally:
+            torch.set_num_threads(1)  # as cpu_command: -device cpu takes every core
+    return SimpleNamespace(raw=raw, preprocessed=preprocessed, results=results, config=config,
+                           plan_out=plan_out.getvalue(), train_out=train_out.getvalue())
+
+
+@pytest.fixture
+def planned_vit_copy(planned_vit, workspace, tmp_path, monkeypatch):
+    """A copy of ``planned_vit``'s raw and preprocessed dataset and results, set as nnU-Net's folders for this test:
+    (raw dataset folder, preprocessed dataset folder, results)."""
+    raw, preprocessed, results = (tmp_path / "raw" / planned_vit.raw.name,
+                                  tmp_path / "preprocessed" / planned_vit.preprocessed.name, tmp_path / "results")
+    for source, copy in ((planned_vit.raw, raw), (planned_vit.preprocessed, preprocessed),
+                         (planned_vit.results, results)):
+        shutil.copytree(source, copy)
+    monkeypatch.setenv("nnUNet_raw", str(raw.parent))
+    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed.parent))
+    monkeypatch.setenv("nnUNet_results", str(results))
+    for var in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
+        monkeypatch.setenv(var, workspace[1][var])
+    return raw, preprocessed, results
 
 
 @pytest.fixture

@@ -236,13 +236,12 @@ def test_configs_stored_before_the_key_keep_nnunets_normalization():
 
 # --- commands: plan, preprocess, train, predict -------------------------------------------------------------------
 
-def test_plan_preprocess_train_predict_on_the_demo_data(own_dataset, tmp_path, capsys, cpu_command):
+def test_plan_preprocess_train_predict_on_the_demo_data(planned_vit, planned_vit_copy, tmp_path, capsys, cpu_command):
     """The workflow: plan and preprocess '2d_vit', train on it, predict with -c 2d_vit; upstream's predictor (spawned
-    preprocessing worker) gives the network exactly the values training saw."""
-    raw, folder, results = own_dataset
-    config = write_config(tmp_path / "vit.yaml")
-    plan_cli.main([str(DATASET_ID), "--config", config, "-c", "2d_vit", "-np", "1"])
-    out = capsys.readouterr().out
+    preprocessing worker) gives the network exactly the values training saw. (conftest's planned_vit plans and trains,
+    with test_planning's tiny model and write_config, once for this test and test_upstream_commands.)"""
+    raw, folder, results = planned_vit_copy
+    out = planned_vit.plan_out
     assert "Planned configuration '2d_vit'" in out and "batch size 2" in out
     plans = load_json(str(folder / "nnUNetPlans.json"))
     data_folder = folder / plans["configurations"]["2d_vit"]["data_identifier"]
@@ -254,8 +253,7 @@ def test_plan_preprocess_train_predict_on_the_demo_data(own_dataset, tmp_path, c
     assert code == 2 and "nnU-Net's plan for its U-Net (ZScoreNormalization" in err
     assert f"nnUNetv2_plan_vit.py {DATASET_ID} --config {explicit} -c 2d_vit" in err
 
-    train_cli.main([str(DATASET_ID), "2d_vit", "0", "--config", config, "-device", "cpu"])
-    assert "normalization: backbone (BackboneNormalization, " in capsys.readouterr().out
+    assert "normalization: backbone (BackboneNormalization, " in planned_vit.train_out
     model_folder = results / "Dataset987_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d_vit"
     assert (model_folder / "fold_0" / "checkpoint_final.pth").is_file()
     stored = load_json(str(model_folder / "plans.json"))["configurations"]["2d_vit"]["vit_config"]

@@ -10,12 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import DATASET_ID
-from nnunetv2.vit import plan as plan_cli
-from nnunetv2.vit import train as train_cli
-from test_planning import PLANNED_MODEL, TINY_TRAIN, own_dataset  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +33,10 @@ def run(command: list, env: dict, cwd: Path) -> str:
 
 
 def test_upstream_commands_find_our_trainer_and_normalization_the_printed_predict_command_runs(
-        own_dataset, tmp_path, cpu_command):  # noqa: F811 (the fixture)
-    """A configuration planned with backbone normalization: upstream's prediction workers must find the scheme."""
-    raw, _, results = own_dataset
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": PLANNED_MODEL, "train": {**TINY_TRAIN, "num_iterations_per_epoch": 1}}))
-    plan_cli.main([str(DATASET_ID), "--config", str(config), "-c", "2d_vit", "-np", "1"])
-    train_cli.main([str(DATASET_ID), "2d_vit", "0", "--config", str(config), "-device", "cpu"])
+        planned_vit_copy, tmp_path):
+    """A configuration planned with backbone normalization: upstream's prediction workers must find the scheme.
+    (conftest's planned_vit: test_planning's tiny model planned as '2d_vit' and trained on fold 0.)"""
+    raw, _, results = planned_vit_copy
 
     env = plain_environment(results)
     printed = run(["nnUNetv2_find_best_configuration", str(DATASET_ID), "-c", "2d_vit", "-tr", "nnUNetTrainer_vit",
