@@ -5,8 +5,9 @@ import os
 # Set before timm / huggingface_hub are imported anywhere: huggingface_hub reads it at import time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Likewise before nnunetv2 is imported: upstream reads it once, at import (nnunetv2.configuration.
-# default_num_processes). Its default, 8, made each in-process training's final validation spawn 8 export and then 8
-# evaluation processes, each importing torch, on 2-core test machines; commands the tests start get it too.
+# default_num_processes). Its default, 8, made each in-process training's final validation start 8 export and then 8
+# evaluation processes (spawned: fresh Pythons, those given a case importing torch) on 2-core test machines. Commands
+# the tests start inherit it.
 os.environ.setdefault("nnUNet_def_n_proc", "1")
 
 import contextlib  # noqa: E402
