@@ -611,28 +611,6 @@ class LazyAliasModule(types.ModuleType):
         raise AttributeError(name)
 
 
-def test_training_and_prediction_find_the_trainer_without_upstreams_module_scan(nnunet_env, tmp_path, monkeypatch,
-                                                                                cpu_command):
-    """The first GPU run died in upstream's trainer lookup, whose scan of sys.modules broke on such a module.
-    With one planted, upstream's lookup fails the same way, and training and prediction still work."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    _, dataset, _ = nnunet_env
-    monkeypatch.setitem(sys.modules, "planted_lazy_alias", LazyAliasModule("planted_lazy_alias"))
-    monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "nnunetv2" / "vit" / "ext_trainers"))
-    with pytest.raises(RuntimeError, match="dictionary changed size during iteration"):
-        recursive_find_trainer_class_by_name("nnUNetTrainer_vit")
-
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({"model": TINY_MODEL, "train": {
-        "num_epochs": 1, "num_iterations_per_epoch": 1, "num_val_iterations_per_epoch": 1}}))
-    train_cli.main([str(DATASET_ID), "2d", "0", "--config", str(config), "-device", "cpu"])
-    out = tmp_path / "predictions"
-    predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
-                      "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"])
-    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (dataset / "labelsTs").glob("*.png"))
-
-
 # sha256 of nnUNetTrainer.initialize's source in nnunetv2 2.8.1, whose steps nnUNetTrainer_vit.initialize repeats.
 UPSTREAM_INITIALIZE_SHA256 = "5732dd44ffbbbf7452c834b4f0dc5b7562fc0467a6e61cd50891a1f795a56949"
 
@@ -666,13 +644,27 @@ def tiny_config(tmp_path, **train) -> str:
     return str(config)
 
 
-def test_a_second_training_of_a_fold_is_refused_while_the_first_runs(nnunet_env, tmp_path, capsys, cpu_command):
-    """Two trainings into one fold interleaved their checkpoints; the second is refused while the first's process
-    lives, and a lock left by a killed training is taken over."""
+def test_a_second_training_of_a_fold_is_refused_while_the_first_runs_and_no_upstream_module_scan_is_needed(
+        nnunet_env, tmp_path, capsys, monkeypatch, cpu_command):
+    """Two checks on one tiny training (each needs a training; one serves both):
+
+    Two trainings into one fold interleaved their checkpoints; the second is refused while the first's process lives,
+    and a lock left by a killed training is taken over.
+
+    The first GPU run died in upstream's trainer lookup, whose scan of sys.modules broke on a lazy alias module. With
+    one planted, upstream's lookup fails the same way, and training (the one taking the lock over) and prediction
+    still work."""
     import json
     import socket
 
-    _, _, results = nnunet_env
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    _, dataset, results = nnunet_env
+    monkeypatch.setitem(sys.modules, "planted_lazy_alias", LazyAliasModule("planted_lazy_alias"))
+    monkeypatch.setenv("nnUNet_extTrainer", str(REPO / "nnunetv2" / "vit" / "ext_trainers"))
+    with pytest.raises(RuntimeError, match="dictionary changed size during iteration"):
+        recursive_find_trainer_class_by_name("nnUNetTrainer_vit")
+
     fold = results / f"Dataset{DATASET_ID}_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d" / "fold_0"
     fold.mkdir(parents=True)
     first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -689,6 +681,11 @@ def test_a_second_training_of_a_fold_is_refused_while_the_first_runs(nnunet_env,
         first.wait()
     train_cli.main(argv)  # the first is gone (as after a kill -9): its lock is taken over
     assert (fold / "checkpoint_final.pth").is_file() and not (fold / ".training.lock").exists()
+
+    out = tmp_path / "predictions"
+    predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",
+                      "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"])
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(p.name for p in (dataset / "labelsTs").glob("*.png"))
 
 
 def test_unwritable_results_out_of_memory_and_unknown_labels_are_one_line(nnunet_env, tmp_path, capsys,
