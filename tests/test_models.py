@@ -218,7 +218,8 @@ def test_factory_signature(module):
     params = inspect.signature(module.create_segmentation_model).parameters
     names = list(params)
     assert names[: len(FIXED_KEYWORDS)] == FIXED_KEYWORDS
-    assert names[len(FIXED_KEYWORDS):] == DECODER_KEYWORDS[module] + ["detail_path", "detail_channels"]
+    # then the typed LoRA settings (the YAML's lora section), and the decoder's options
+    assert names[len(FIXED_KEYWORDS):] == ["lora"] + DECODER_KEYWORDS[module] + ["detail_path", "detail_channels"]
     defaults = {name: params[name].default for name in FIXED_KEYWORDS[3:]}
     assert defaults == {
         "checkpoint_path": None, "freeze_backbone": False, "use_lora": False, "lora_rank": 8, "lora_alpha": 16.0,
