@@ -37,7 +37,7 @@ from nnunetv2.vit.errors import (
 from nnunetv2.vit.plan import (
     PROG as PLAN_PROG, BASE, PLAN_KEY, add_2d_configuration, default_configuration_name, resolve_normalization,
 )
-from nnunetv2.vit.stored import (
+from nnunetv2.vit.trained_model import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
 from nnunetv2.vit.trainer import STOP_SIGNALS, control_group, nnUNetTrainer_vit
