@@ -132,8 +132,11 @@ def test_a_stored_config_reads_back_and_one_from_an_older_version_gets_the_new_d
     older = config.to_dict()
     del older["model"]["trust_checkpoint"]
     older["model"]["checkpoint_path"] = "/gone/weights.pth"
+    older["model"]["decoder"] = {"fusion_hidden_size": 32}  # stored as written, before options were stored resolved
     restored = ViTConfig.from_stored(older)
     assert restored.model.trust_checkpoint is False and restored.model.checkpoint_path == "/gone/weights.pth"
+    assert restored.model.decoder == config.model.decoder == DPTDecoderConfig(fusion_hidden_size=32)
+    assert config.to_dict()["model"]["decoder"]["readout_type"] == "project"  # stored with every default
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

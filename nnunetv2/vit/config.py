@@ -113,11 +113,13 @@ class ViTConfig:
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
         """A config stored with a trained model (validated when its training started); keys added since then take
         their defaults, except ``model.normalization`` and ``train.decay_norms_and_biases`` (see
-        ``STORED_BEFORE_NORMALIZATION``, ``STORED_BEFORE_PARAMETER_GROUPS``). Its backbone file is not looked
-        for: it need not exist where the model is used."""
+        ``STORED_BEFORE_NORMALIZATION``, ``STORED_BEFORE_PARAMETER_GROUPS``), and section keys since removed are
+        ignored. Its backbone file is not looked for: it need not exist where the model is used."""
         stored = {**stored, "model": {**STORED_BEFORE_NORMALIZATION, **stored.get("model", {})},
                   "train": {**STORED_BEFORE_PARAMETER_GROUPS, **stored.get("train", {})}}
-        config = cls(**{name: _section(name, stored.get(name), "stored config") for name in SECTIONS})
+        known = {name: {f.name for f in dataclasses.fields(section)} for name, section in SECTIONS.items()}
+        config = cls(**{name: _section(name, {k: v for k, v in (stored.get(name) or {}).items() if k in known[name]},
+                                       "stored config") for name in SECTIONS})
         _typed_decoder(config.model, "stored config")
         return config
 
