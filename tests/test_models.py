@@ -14,6 +14,7 @@ import torch
 
 from nnunetv2.model import model_dpt, model_primus, model_segformer, model_upernet
 from nnunetv2.model.common import pad_to_multiple
+from nnunetv2.model.config import LoraSettings
 from nnunetv2.model.detail import DETAIL_STRIDES
 
 NUM_CLASSES = 3
@@ -228,6 +229,8 @@ def test_factory_signature(module):
     }
     with pytest.raises(TypeError):
         module.create_segmentation_model("dinov3", "small", num_classes=2, pretrained=False, not_an_option=1)
+    with pytest.raises(TypeError, match="not both"):  # LoRA given twice: neither silently wins
+        module.create_segmentation_model("dinov3", "small", 2, lora_rank=4, lora=LoraSettings(enabled=True))
 
 
 def test_factory_accepts_positional_backbone_arguments():

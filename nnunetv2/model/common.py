@@ -243,6 +243,9 @@ def make_factory(model_cls: Type[ViTSegmentationModel]) -> Callable[..., ViTSegm
         lora: Optional[LoraSettings] = None,
         **decoder_options,
     ) -> ViTSegmentationModel:
+        if lora is not None and (use_lora or lora_target_modules is not None or (lora_rank, lora_alpha, lora_dropout)
+                                 != (LoraSettings.r, LoraSettings.lora_alpha, LoraSettings.lora_dropout)):
+            raise TypeError("give LoRA either as lora=LoraSettings(...) or as the use_lora/lora_* keywords, not both")
         if lora is None:
             targets = {} if lora_target_modules is None else {"target_modules": list(lora_target_modules)}
             lora = LoraSettings(enabled=use_lora, r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,

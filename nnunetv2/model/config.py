@@ -65,8 +65,8 @@ def _fits(value: Any, hint: Any) -> bool:
         return any(_fits(value, arg) for arg in args)
     if origin is Literal:
         return any(value == choice and type(value) is type(choice) for choice in args)
-    if origin is list:  # YAML gives lists for every sequence
-        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is list:  # YAML gives lists for every sequence; Python callers may give tuples
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value)
     if origin is dict:
         return isinstance(value, dict)
     if hint is Any:
