@@ -229,7 +229,7 @@ def train_vit(dataset_id: int, configuration: str, config: Path, device: str, se
 
     from nnunetv2.vit import plan as plan_cli
     from nnunetv2.vit.config import load_config
-    from nnunetv2.vit.stored import add_vit_config
+    from nnunetv2.vit.trained_model import add_vit_config
     from nnunetv2.vit.train import load_plans
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
 

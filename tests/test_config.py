@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nnunetv2.vit.config import CONFIG_DIR, ViTConfig, build_model, load_config, model_kwargs, validate_config
+from nnunetv2.model.model_dpt import DPTDecoderConfig
+from nnunetv2.vit.config import CONFIG_DIR, ViTConfig, build_model, load_config, validate_config
 from nnunetv2.vit.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,7 +38,9 @@ BAD_CONFIGS = {
     "unknown train key": (with_change("train", "lr", 0.1), "unknown key 'train.lr'"),
     "unknown decoder option": (with_change("model", "decoder", {"fusion_size": 64}), "model.decoder.fusion_size"),
     "decoder option of another decoder": (
-        with_change("model", "decoder", {"pool_scales": [1, 2]}), "Valid decoder keys"),
+        with_change("model", "decoder", {"pool_scales": [1, 2]}),
+        "unknown key 'model.decoder.pool_scales'. Valid keys in 'model.decoder': detail_path, detail_channels, "
+        "fusion_hidden_size, readout_type"),
     "missing model_path": ({"model": {"backbone": "dinov3"}}, "model.model_path' is required"),
     "model_path not importable": (with_change("model", "model_path", "nnunetv2.model.model_dtp"), "cannot be imported"),
     "model_path without factory": (
@@ -61,13 +64,16 @@ BAD_CONFIGS = {
     "target_modules not a list": (with_change("lora", "target_modules", "qkv"), "'lora.target_modules' must be"),
     "not a mapping": ([1, 2, 3], "expected a mapping"),
     "negative neck width": (with_change("model", "decoder", {"neck_hidden_sizes": [-96, 192, 384, 384]}),
-                            "cannot build this model from model.decoder and lora (RuntimeError: Trying to create "
-                            "tensor with negative dimension -96"),
+                            "'model.decoder.neck_hidden_sizes' must be a list of positive int or null, "
+                            "got [-96, 192, 384, 384]"),
     "three neck widths": (with_change("model", "decoder", {"neck_hidden_sizes": [96, 192, 384]}),
-                          "(ValueError: neck_hidden_sizes needs 4 entries"),
-    "bogus readout": (with_change("model", "decoder", {"readout_type": "bogus"}), "readout_type must be one of"),
-    "LoRA target the backbone lacks": ({**GOOD, "lora": {"enabled": True, "target_modules": ["q_proj"]}},
-                                       "LoRA target_modules {'q_proj'} do not fit this backbone"),
+                          "'model.decoder.neck_hidden_sizes' needs 4 entries (one per feature level), got [96, 192, "
+                          "384]"),
+    "bogus readout": (with_change("model", "decoder", {"readout_type": "bogus"}),
+                      "'model.decoder.readout_type' must be one of project, add, ignore, got 'bogus'"),
+    "detail_channels without the detail path": (with_change("model", "decoder", {"detail_channels": [8, 16, 24]}),
+                                                "'model.decoder.detail_channels' is set but detail_path is off"),
+    "zero LoRA rank": (with_change("lora", "r", 0), "'lora.r' must be positive, got 0"),
     "no LoRA target": ({**GOOD, "lora": {"target_modules": []}},
                        "'lora.target_modules' must name at least one; leave it out for ['qkv']"),
     "decoder width as string": (with_change("model", "decoder", {"fusion_hidden_size": "64"}),
@@ -126,8 +132,11 @@ def test_a_stored_config_reads_back_and_one_from_an_older_version_gets_the_new_d
     older = config.to_dict()
     del older["model"]["trust_checkpoint"]
     older["model"]["checkpoint_path"] = "/gone/weights.pth"
+    older["model"]["decoder"] = {"fusion_hidden_size": 32}  # stored as written, before options were stored resolved
     restored = ViTConfig.from_stored(older)
     assert restored.model.trust_checkpoint is False and restored.model.checkpoint_path == "/gone/weights.pth"
+    assert restored.model.decoder == config.model.decoder == DPTDecoderConfig(fusion_hidden_size=32)
+    assert config.to_dict()["model"]["decoder"]["readout_type"] == "project"  # stored with every default
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
@@ -140,7 +149,7 @@ def test_seed_configs_keep_the_plan_values():
     for name, iterations, validation in (("dpt", 250, 50), ("dpt_test_dinov3", 10, 10)):
         config = load_config(name)
         assert config.model.backbone == "dinov3" and config.model.backbone_size == "large"
-        assert config.model.decoder == {"fusion_hidden_size": 256, "readout_type": "project"}
+        assert config.model.decoder == DPTDecoderConfig(fusion_hidden_size=256, readout_type="project")
         assert config.train.initial_lr == 0.001 and config.train.gradient_clip == 12.0
         assert config.train.num_iterations_per_epoch == iterations
         assert config.train.num_val_iterations_per_epoch == validation
@@ -148,12 +157,37 @@ def test_seed_configs_keep_the_plan_values():
 
 
 def test_config_builds_the_model_it_describes():
-    config = validate_config({**GOOD, "lora": {"enabled": True, "r": 4}})
+    """The typed sections reach the model unchanged: decoder options, LoRA settings (peft's names), and without
+    load_weights no download is tried even where the config asks for pretrained weights (none is reachable here)."""
+    config = validate_config({**GOOD, "model": {**GOOD["model"], "pretrained": True},
+                              "lora": {"enabled": True, "r": 4, "lora_alpha": 8}})
     model = build_model(config, in_channels=1, num_classes=3, load_weights=False)
     assert model.num_classes == 3 and model.backbone_model_name == "vit_small_patch16_dinov3"
-    assert model.vit.patch_embed.proj.in_channels == 1
-    assert any("lora_A" in name for name, _ in model.named_parameters())
-    assert model_kwargs(config, 1, 3, load_weights=False)["pretrained"] is False
+    assert model.vit.patch_embed.proj.in_channels == 1 and model.fusion_hidden_size == 32
+    assert model.decoder_config == config.model.decoder
+    peft_config = model.backbone.peft_config["default"]
+    assert (peft_config.r, peft_config.lora_alpha, peft_config.target_modules) == (4, 8, {"qkv"})
+
+
+@pytest.mark.parametrize("lora,code,expected", [
+    ({"enabled": True, "target_modules": ["q_proj"]}, None,
+     "nnunetv2.model.model_dpt cannot build this model from model.decoder and lora (ValueError: LoRA target_modules "
+     "{'q_proj'} do not fit this backbone"),
+    ({}, "def create_segmentation_model(*args, **kwargs):\n    raise KeyError('head')",
+     "my_factory cannot build this model from model.decoder and lora (KeyError: 'head'); change them in the config."),
+])
+def test_what_only_the_build_can_tell_is_one_line(tmp_path, monkeypatch, lora, code, expected):
+    """LoRA targets the backbone lacks, or a user's factory that raises: found when the model is built (training
+    start, planning), as one line naming the keys to change."""
+    model = GOOD["model"]
+    if code is not None:
+        (tmp_path / "my_factory.py").write_text(code + "\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        model = {**model, "model_path": "my_factory", "decoder": {}}
+    config = validate_config({**GOOD, "model": model, "lora": lora})
+    with pytest.raises(ConfigError) as err:
+        build_model(config, in_channels=3, num_classes=2, load_weights=False)
+    assert expected in str(err.value) and "\n" not in str(err.value)
 
 
 def test_train_command_rejects_bad_config_with_exit_code(tmp_path):
@@ -174,7 +208,7 @@ def test_a_config_inherits_another_and_lists_only_what_differs(tmp_path):
     (tmp_path / "child.yaml").write_text("inherits: base.yaml\nmodel:\n  decoder:\n    readout_type: add\n"
                                          "train:\n  num_epochs: 3\n")
     config = load_config(tmp_path / "child.yaml")
-    assert config.model.decoder == {"fusion_hidden_size": 32, "readout_type": "add"}  # mappings merge
+    assert config.model.decoder == DPTDecoderConfig(fusion_hidden_size=32, readout_type="add")  # mappings merge
     assert config.train.num_epochs == 3 and config.train.initial_lr == 0.001
     assert config.model.backbone_size == "small"
     builtin = load_config("dpt_test_dinov3")  # inherits dpt.yaml, a built-in, by name
@@ -229,17 +263,12 @@ def test_unreadable_config_files_are_one_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("code,expected", [
-    ("raise RuntimeError('no GPU library here')", "cannot be imported (RuntimeError: no GPU library here)"),
-    ("def create_segmentation_model(*args, **kwargs):\n    raise KeyError('head')",
-     "cannot build this model from model.decoder and lora (KeyError: 'head')"),
-])
-def test_a_user_model_module_that_raises_is_one_line(tmp_path, monkeypatch, code, expected):
-    (tmp_path / "my_decoder.py").write_text(code + "\n")
+def test_a_user_model_module_that_does_not_import_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "my_decoder.py").write_text("raise RuntimeError('no GPU library here')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump({**GOOD, "model": {**GOOD["model"], "model_path": "my_decoder", "decoder": {}}}))
-    with pytest.raises(ConfigError, match=re.escape(expected)) as err:
+    with pytest.raises(ConfigError, match=re.escape("cannot be imported (RuntimeError: no GPU library here)")) as err:
         load_config(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 

@@ -14,6 +14,7 @@ import torch
 
 from nnunetv2.model import model_dpt, model_primus, model_segformer, model_upernet
 from nnunetv2.model.common import pad_to_multiple
+from nnunetv2.model.config import LoraSettings
 from nnunetv2.model.detail import DETAIL_STRIDES
 
 NUM_CLASSES = 3
@@ -218,7 +219,8 @@ def test_factory_signature(module):
     params = inspect.signature(module.create_segmentation_model).parameters
     names = list(params)
     assert names[: len(FIXED_KEYWORDS)] == FIXED_KEYWORDS
-    assert names[len(FIXED_KEYWORDS):] == DECODER_KEYWORDS[module] + ["detail_path", "detail_channels"]
+    # then the typed LoRA settings (the YAML's lora section), and the decoder's options
+    assert names[len(FIXED_KEYWORDS):] == ["lora"] + DECODER_KEYWORDS[module] + ["detail_path", "detail_channels"]
     defaults = {name: params[name].default for name in FIXED_KEYWORDS[3:]}
     assert defaults == {
         "checkpoint_path": None, "freeze_backbone": False, "use_lora": False, "lora_rank": 8, "lora_alpha": 16.0,
@@ -227,6 +229,8 @@ def test_factory_signature(module):
     }
     with pytest.raises(TypeError):
         module.create_segmentation_model("dinov3", "small", num_classes=2, pretrained=False, not_an_option=1)
+    with pytest.raises(TypeError, match="not both"):  # LoRA given twice: neither silently wins
+        module.create_segmentation_model("dinov3", "small", 2, lora_rank=4, lora=LoraSettings(enabled=True))
 
 
 def test_factory_accepts_positional_backbone_arguments():

@@ -1,5 +1,6 @@
-"""The README's configuration reference and the typed config cannot drift apart: every key of every section is
-documented, nothing documented is gone, and each documented default is the field's default."""
+"""The README's configuration reference and the typed config cannot drift apart: every key of every section and
+every decoder option is documented, nothing documented is gone, and each documented default is the field's
+default."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import yaml
 
 from conftest import REPO
+from nnunetv2.model import model_dpt, model_primus, model_segformer, model_upernet
+from nnunetv2.model.config import DecoderConfig, default_of
+from nnunetv2.model.detail import DEFAULT_DETAIL_CHANNELS
 from nnunetv2.vit.config import SECTIONS
 
 ROW = re.compile(r"^\| `(?P<key>[a-z_0-9]+)` \| (?P<default>[^|]*) \|")
@@ -45,10 +49,6 @@ def documented_value(cell: str) -> Any:
     return value
 
 
-def field_default(field: dataclasses.Field) -> Any:
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
-
-
 def test_every_section_is_documented():
     assert sorted(reference_tables()) == sorted(SECTIONS)
 
@@ -63,9 +63,46 @@ def test_reference_lists_each_key_once_with_its_default(section):
                                       f"{sorted(set(fields) - set(keys))}, documented but gone "
                                       f"{sorted(set(keys) - set(fields))}")
     for key, cell in rows:
-        default = field_default(fields[key])
+        default = default_of(fields[key])
         if cell.startswith(NO_VALUE_CELLS):
             assert default is None or key == "model_path", f"{section}.{key}: README shows no default, config has " \
                                                             f"{default!r}"
         else:
             assert documented_value(cell) == default, f"{section}.{key}: README says {cell}, config has {default!r}"
+
+
+def decoder_options_documented() -> Dict[str, List[Tuple[str, str]]]:
+    """Each decoder module's (option, text in parentheses) pairs from README's "Decoders" table."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Decoders", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0].startswith("`model_"):
+            rows[cells[0].strip("`")] = re.findall(r"`(\w+)` \(([^)]*)\)", cells[2])
+    return rows
+
+
+@pytest.mark.parametrize("module", [model_dpt, model_upernet, model_segformer, model_primus],
+                         ids=lambda module: module.__name__.rsplit(".", 1)[-1])
+def test_decoders_table_lists_each_option_with_its_default(module):
+    """A default shown as a YAML value must be the field's; a field without one (None: derived from the
+    backbone's width) is described in words."""
+    documented = decoder_options_documented()[module.__name__.rsplit(".", 1)[-1]]
+    shared = {field.name for field in dataclasses.fields(DecoderConfig)}
+    fields = {field.name: field for field in dataclasses.fields(module.create_segmentation_model.config_class)
+              if field.name not in shared}
+    keys = [key for key, _ in documented]
+    assert len(keys) == len(set(keys)) and set(keys) == set(fields), (keys, sorted(fields))
+    for key, text in documented:
+        default = default_of(fields[key])
+        if default is not None:
+            shown = yaml.safe_load(text.split(";")[0])
+            assert shown == default, f"{module.__name__}.{key}: README says ({text}), config has {default!r}"
+
+
+def test_detail_path_options_are_documented_with_their_defaults():
+    text = " ".join((REPO / "README.md").read_text(encoding="utf-8").split())
+    assert f"`detail_path` ({str(DecoderConfig.detail_path).lower()})" in text
+    channels = re.search(r"`detail_channels` \([^)]*?(\[[0-9, ]+\])\)", text).group(1)
+    assert yaml.safe_load(channels) == list(DEFAULT_DETAIL_CHANNELS)

@@ -30,7 +30,7 @@ from nnunetv2.vit import predict as predict_cli
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import build_model, validate_config
 from nnunetv2.vit.errors import CheckpointReadError, ConfigError, NonFiniteTrainingError
-from nnunetv2.vit.stored import add_vit_config, load_pretrained_network
+from nnunetv2.vit.trained_model import add_vit_config, load_pretrained_network
 from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
 pytestmark = pytest.mark.slow
@@ -319,14 +319,14 @@ def test_prediction_input_errors_write_nothing(nnunet_env, tmp_path, capsys):
 
 def test_prediction_reads_each_checkpoint_once(nnunet_env, tmp_path, monkeypatch):
     """The model check and the predictor share one read of each fold's checkpoint."""
-    from nnunetv2.vit import stored
+    from nnunetv2.vit import trained_model
 
     _, dataset, results = nnunet_env
     trainer = make_trainer()
     _write_results_folder(trainer)
     reads = []
-    read = stored.read_checkpoint
-    monkeypatch.setattr(stored, "read_checkpoint",
+    read = trained_model.read_checkpoint
+    monkeypatch.setattr(trained_model, "read_checkpoint",
                         lambda path, **kwargs: reads.append(str(path)) or read(path, **kwargs))
     out = tmp_path / "predictions"
     predict_cli.main(["-i", str(dataset / "imagesTs"), "-o", str(out), "-d", str(DATASET_ID), "-c", "2d", "-f", "0",

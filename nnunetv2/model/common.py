@@ -1,30 +1,29 @@
 """What every ViT segmentation model shares: backbone set-up, padding/cropping, detail path, LoRA, summaries.
 
-Decoder files subclass ``ViTSegmentationModel``, build their decoder after ``super().__init__``,
-implement ``decode_features`` (the decoder's last feature map) and end ``__init__`` with
-``end_decoder(classifier, channels, stride)``: the base then composes ``classifier`` after the
-features, or the detail path and its own classifier. ``make_factory`` turns the class into the
-module's ``create_segmentation_model`` whose signature lists every accepted keyword (configs are
-validated against it).
+Decoder files declare their options as a ``DecoderConfig`` subclass (``config_class``), subclass
+``ViTSegmentationModel``, build their decoder after ``super().__init__`` from ``self.decoder_config``, implement
+``decode_features`` (the decoder's last feature map) and end ``__init__`` with
+``end_decoder(classifier, channels, stride)``: the base then composes ``classifier`` after the features, or the
+detail path and its own classifier. ``make_factory`` turns the class into the module's
+``create_segmentation_model``, the keyword front door of the model contract.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
-import typing
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Annotated, Callable, Dict, List, Optional, Sequence, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nnunetv2.model.backbone import ProgressiveUpsampler, create_backbone, feature_indices_for_depth, get_vit_features
+from nnunetv2.model.config import DecoderConfig, LoraSettings, PositiveInt, default_of, entries
 from nnunetv2.model.detail import DEFAULT_DETAIL_CHANNELS, DetailPath
 
 _logger = logging.getLogger(__name__)
-
-DEFAULT_LORA_TARGETS = ("qkv",)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -42,8 +41,11 @@ class ViTSegmentationModel(nn.Module):
 
     Any H, W works: the input is padded to a multiple of the patch size, decoded, the logits are
     resized to the padded size (decoders work on the token grid, which covers exactly the padded
-    image, so this is a uniform rescale, never a shift) and cropped back.
+    image, so this is a uniform rescale, never a shift) and cropped back. The backbone arguments have
+    no defaults here: ``create_segmentation_model`` holds them; ``lora`` and ``decoder`` are typed.
     """
+
+    config_class: Type[DecoderConfig] = DecoderConfig  # the decoder's options (``model.decoder``)
 
     # Decoders with a 0.5x pyramid level need an even token grid, or that level is misaligned.
     token_grid_multiple: int = 1
@@ -52,34 +54,28 @@ class ViTSegmentationModel(nn.Module):
 
     def __init__(
         self,
-        backbone_name: str = "dinov3",
-        backbone_size: str = "large",
-        num_classes: int = 1,
-        checkpoint_path: Optional[str] = None,
-        freeze_backbone: bool = False,
-        use_lora: bool = False,
-        lora_rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.05,
-        lora_target_modules: Optional[Sequence[str]] = None,
-        pretrained: bool = True,
-        in_channels: int = 3,
-        trust_checkpoint: bool = False,
-        drop_path_rate: float = 0.0,
-        *,
-        detail_path: bool = False,
-        detail_channels: Optional[Sequence[int]] = None,
+        backbone_name: str,
+        backbone_size: str,
+        num_classes: int,
+        checkpoint_path: Optional[str],
+        freeze_backbone: bool,
+        lora: Optional[LoraSettings],
+        pretrained: bool,
+        in_channels: int,
+        trust_checkpoint: bool,
+        drop_path_rate: float,
+        decoder: Optional[DecoderConfig] = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if detail_channels is not None and not detail_path:
-            raise ValueError("detail_channels is set but detail_path is off: set detail_path: true, or drop it")
         self.num_classes = num_classes
         self.in_channels = in_channels
+        self.decoder_config = self.config_class() if decoder is None else decoder
         # Set when the decoder is to end in a DetailPath (built by end_decoder).
         self.detail_channels: Optional[List[int]] = (
-            list(detail_channels or DEFAULT_DETAIL_CHANNELS) if detail_path else None
+            list(self.decoder_config.detail_channels or DEFAULT_DETAIL_CHANNELS)
+            if self.decoder_config.detail_path else None
         )
         self.detail: Optional[DetailPath] = None
         self.classifier: nn.Module  # set by the subclass's end_decoder
@@ -91,8 +87,8 @@ class ViTSegmentationModel(nn.Module):
         self.feature_indices: List[int] = feature_indices_for_depth(len(self.backbone.blocks))
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-        if use_lora:  # peft freezes the backbone's own weights whether or not freeze_backbone is set
-            self.enable_lora(lora_rank, lora_alpha, lora_dropout, lora_target_modules)
+        if lora is not None and lora.enabled:  # peft freezes the backbone's own weights whether or not frozen here
+            self.enable_lora(lora)
 
     @property
     def backbone_trainable(self) -> bool:
@@ -173,30 +169,19 @@ class ViTSegmentationModel(nn.Module):
         """Recompute backbone activations in backward: much less memory, about 30% slower steps."""
         self.vit.set_grad_checkpointing(enable)
 
-    def enable_lora(
-        self,
-        rank: int = 8,
-        lora_alpha: float = 16.0,
-        lora_dropout: float = 0.05,
-        target_modules: Optional[Sequence[str]] = None,
-    ) -> None:
-        """Wrap the backbone with peft LoRA adapters; the backbone's own weights become frozen."""
-        from peft import LoraConfig, PeftModel, get_peft_model
+    def enable_lora(self, lora: Optional[LoraSettings] = None) -> None:
+        """Wrap the backbone with peft LoRA adapters (default ``LoraSettings``); its own weights become frozen."""
+        from peft import PeftModel, get_peft_model
 
         if isinstance(self.backbone, PeftModel):
             raise RuntimeError("LoRA is already enabled on this model.")
-        config = LoraConfig(
-            r=rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=list(target_modules or DEFAULT_LORA_TARGETS),
-            bias="none",
-        )
+        lora = lora or LoraSettings(enabled=True)
         try:
-            self.backbone = get_peft_model(self.backbone, config)
+            self.backbone = get_peft_model(self.backbone, lora.peft_config())
         except ValueError as err:
-            raise ValueError(f"LoRA target_modules {config.target_modules} do not fit this backbone: {err}") from err
-        _logger.info("LoRA enabled: rank=%d, alpha=%s, targets=%s", rank, lora_alpha, sorted(config.target_modules))
+            raise ValueError(f"LoRA target_modules {set(lora.target_modules)} do not fit this backbone: {err}") from err
+        _logger.info("LoRA enabled: rank=%d, alpha=%s, targets=%s", lora.r, lora.lora_alpha,
+                     sorted(lora.target_modules))
 
     def disable_lora(self) -> None:
         """Merge the LoRA weights into the backbone and drop the adapters (outputs stay the same)."""
@@ -230,34 +215,55 @@ class ViTSegmentationModel(nn.Module):
         print(self.parameter_summary(detailed))
 
 
-def make_factory(model_cls: type) -> Callable[..., ViTSegmentationModel]:
-    """Module-level ``create_segmentation_model`` for a model class.
+def make_factory(model_cls: Type[ViTSegmentationModel]) -> Callable[..., ViTSegmentationModel]:
+    """Module-level ``create_segmentation_model`` for a model class: the model contract's keywords (the one place
+    their defaults live), then the decoder's options, the fields of ``model_cls.config_class``.
 
-    Its signature is the union of the backbone keywords (positional too, base class) and the
-    decoder options (keyword only: the base class's detail path and the subclass's), so
-    ``inspect.signature`` tells config validation exactly which ``model.decoder`` keys exist.
+    LoRA comes either as ``lora``, the typed settings (as the YAML's ``lora`` section), or as the contract's five
+    ``use_lora``/``lora_*`` keywords, which are mapped onto the same settings here.
     """
-    positional: List[inspect.Parameter] = []
-    keyword_only: List[inspect.Parameter] = []  # the most derived class's first: a decoder's own options lead
-    for klass in model_cls.__mro__:
-        if not (isinstance(klass, type) and issubclass(klass, ViTSegmentationModel)) or "__init__" not in vars(klass):
-            continue
-        hints = typing.get_type_hints(klass.__init__)  # real types, not the strings of postponed annotations
-        for param in list(inspect.signature(klass.__init__).parameters.values())[1:]:
-            if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
-                continue
-            param = param.replace(annotation=hints.get(param.name, param.annotation))
-            if klass is ViTSegmentationModel and param.kind != param.KEYWORD_ONLY:
-                positional.append(param.replace(kind=param.POSITIONAL_OR_KEYWORD))
-            else:
-                keyword_only.append(param.replace(kind=param.KEYWORD_ONLY))
+    config_class = model_cls.config_class
 
-    signature = inspect.Signature(positional + keyword_only, return_annotation=model_cls)
+    def create_segmentation_model(
+        backbone_name: str,
+        backbone_size: str,
+        num_classes: int,
+        checkpoint_path: Optional[str] = None,
+        freeze_backbone: bool = False,
+        use_lora: bool = False,
+        lora_rank: int = LoraSettings.r,
+        lora_alpha: float = LoraSettings.lora_alpha,
+        lora_dropout: float = LoraSettings.lora_dropout,
+        lora_target_modules: Optional[Sequence[str]] = None,
+        pretrained: bool = True,
+        in_channels: int = 3,
+        trust_checkpoint: bool = False,
+        drop_path_rate: float = 0.0,
+        *,
+        lora: Optional[LoraSettings] = None,
+        **decoder_options,
+    ) -> ViTSegmentationModel:
+        if lora is not None and (use_lora or lora_target_modules is not None or (lora_rank, lora_alpha, lora_dropout)
+                                 != (LoraSettings.r, LoraSettings.lora_alpha, LoraSettings.lora_dropout)):
+            raise TypeError("give LoRA either as lora=LoraSettings(...) or as the use_lora/lora_* keywords, not both")
+        if lora is None:
+            targets = {} if lora_target_modules is None else {"target_modules": list(lora_target_modules)}
+            lora = LoraSettings(enabled=use_lora, r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                **targets)
+        return model_cls(backbone_name, backbone_size, num_classes, checkpoint_path, freeze_backbone, lora,
+                         pretrained, in_channels, trust_checkpoint, drop_path_rate, config_class(**decoder_options))
 
-    def create_segmentation_model(*args, **kwargs) -> ViTSegmentationModel:
-        return model_cls(**signature.bind(*args, **kwargs).arguments)
-
-    create_segmentation_model.__signature__ = signature
+    # The signature lists the decoder's options by name (a decoder's own first, then the detail path's).
+    shared = [f.name for f in dataclasses.fields(DecoderConfig)]
+    options = sorted(dataclasses.fields(config_class), key=lambda f: f.name in shared)
+    signature = inspect.signature(create_segmentation_model)
+    create_segmentation_model.__signature__ = signature.replace(parameters=[
+        *[p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD],
+        *[inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default_of(f),
+                            annotation=f.type)
+          for f in options],
+    ])
+    create_segmentation_model.config_class = config_class
     create_segmentation_model.__doc__ = f"Build a {model_cls.__name__}. {model_cls.__doc__ or ''}"
     create_segmentation_model.__module__ = model_cls.__module__
     return create_segmentation_model
@@ -272,8 +278,6 @@ class ViTFeaturePyramid(nn.Module):
 
     def __init__(self, embed_dim: int, out_channels: Sequence[int]) -> None:
         super().__init__()
-        if len(out_channels) != 4:
-            raise ValueError(f"pyramid_channels needs 4 entries (one per level), got {list(out_channels)}")
         c4, c2, c1, c05 = out_channels
         self.levels = nn.ModuleList([
             ProgressiveUpsampler(embed_dim, c4, 4),
@@ -284,6 +288,10 @@ class ViTFeaturePyramid(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         return [level(feat) for level, feat in zip(self.levels, features)]
+
+
+# The widths of a ViTFeaturePyramid's four levels; None: default_pyramid_channels.
+PyramidChannels = Annotated[Optional[List[PositiveInt]], entries(4, "one per level")]
 
 
 def default_pyramid_channels(embed_dim: int) -> List[int]:
@@ -297,9 +305,10 @@ class ViTPyramidHeadModel(ViTSegmentationModel):
 
     token_grid_multiple = 2  # the 0.5x level
 
-    def add_pyramid(self, pyramid_channels: Optional[Sequence[int]]) -> List[int]:
-        """Build ``self.pyramid`` (default widths ``[E/4, E/2, E, E]``) and return its channel widths."""
-        channels = list(pyramid_channels or default_pyramid_channels(self.embed_dim))
+    def add_pyramid(self) -> List[int]:
+        """Build ``self.pyramid`` (widths ``decoder_config.pyramid_channels``, default ``[E/4, E/2, E, E]``) and
+        return its channel widths."""
+        channels = list(self.decoder_config.pyramid_channels or default_pyramid_channels(self.embed_dim))
         self.pyramid = ViTFeaturePyramid(self.embed_dim, channels)
         return channels
 

@@ -56,10 +56,7 @@ class DetailPath(nn.Module):
         channels: Sequence[int] = DEFAULT_DETAIL_CHANNELS,
     ) -> None:
         super().__init__()
-        channels = list(channels)
-        if len(channels) != len(DETAIL_STRIDES) or any(not isinstance(c, int) or c < 1 for c in channels):
-            raise ValueError(f"detail_channels needs {len(DETAIL_STRIDES)} positive integers (full, 1/2 and 1/4 "
-                             f"resolution), got {channels}")
+        channels = list(channels)  # checked by DecoderConfig.detail_channels
         self.join_level = min(range(len(DETAIL_STRIDES)),
                               key=lambda i: abs(math.log(DETAIL_STRIDES[i] / decoder_stride)))
         self.stem = nn.ModuleList()

@@ -6,7 +6,8 @@ fed with four intermediate block outputs and their real CLS tokens (registers ar
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Annotated, List, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -14,54 +15,47 @@ from transformers import DPTConfig
 from transformers.models.dpt.modeling_dpt import DPTNeck, DPTSemanticSegmentationHead
 
 from nnunetv2.model.common import ViTSegmentationModel, make_factory
+from nnunetv2.model.config import DecoderConfig, NonNegativeFloat, PositiveInt, entries
 
-READOUT_TYPES = ("project", "add", "ignore")
+
+@dataclass
+class DPTDecoderConfig(DecoderConfig):
+    """DPT's options (``model.decoder`` for ``model_dpt``)."""
+
+    fusion_hidden_size: PositiveInt = 256  # channels of the fusion stage
+    readout_type: Literal["project", "add", "ignore"] = "project"  # what the CLS token does to the patch tokens
+    # channels of the four reassembled maps; None: [E]*4 (the DPT paper uses [E/4, E/2, E, E])
+    neck_hidden_sizes: Annotated[Optional[List[PositiveInt]], entries(4, "one per feature level")] = None
+    use_batch_norm_in_fusion_residual: bool = True
+    dropout: NonNegativeFloat = 0.1  # before the classifier
 
 
 class DPTSegmentationModel(ViTSegmentationModel):
-    """ViT backbone + HF DPT neck and segmentation head.
+    """ViT backbone + HF DPT neck and segmentation head, with the options of ``DPTDecoderConfig``."""
 
-    Decoder options: ``fusion_hidden_size`` (channels of the fusion stage), ``neck_hidden_sizes``
-    (channels of the four reassembled maps; default ``[E]*4``, the DPT paper uses
-    ``[E/4, E/2, E, E]``), ``readout_type`` (CLS token handling: project, add, ignore),
-    ``use_batch_norm_in_fusion_residual`` and ``dropout`` before the classifier.
-    """
-
+    config_class = DPTDecoderConfig
     token_grid_multiple = 2
 
-    def __init__(
-        self,
-        *,
-        fusion_hidden_size: int = 256,
-        readout_type: str = "project",
-        neck_hidden_sizes: Optional[Sequence[int]] = None,
-        use_batch_norm_in_fusion_residual: bool = True,
-        dropout: float = 0.1,
-        **backbone_kwargs,
-    ) -> None:
-        if readout_type not in READOUT_TYPES:
-            raise ValueError(f"readout_type must be one of {READOUT_TYPES}, got '{readout_type}'")
-        super().__init__(**backbone_kwargs)
-        neck_hidden_sizes = list(neck_hidden_sizes or [self.embed_dim] * 4)
-        if len(neck_hidden_sizes) != 4:
-            raise ValueError(f"neck_hidden_sizes needs 4 entries (one per feature level), got {neck_hidden_sizes}")
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.decoder_config
         self.config = DPTConfig(
             hidden_size=self.embed_dim,
-            neck_hidden_sizes=neck_hidden_sizes,
-            fusion_hidden_size=fusion_hidden_size,
+            neck_hidden_sizes=list(options.neck_hidden_sizes or [self.embed_dim] * 4),
+            fusion_hidden_size=options.fusion_hidden_size,
             reassemble_factors=[4, 2, 1, 0.5],
-            readout_type=readout_type,
+            readout_type=options.readout_type,
             num_labels=self.num_classes,
             head_in_index=-1,
-            semantic_classifier_dropout=dropout,
-            use_batch_norm_in_fusion_residual=use_batch_norm_in_fusion_residual,
+            semantic_classifier_dropout=options.dropout,
+            use_batch_norm_in_fusion_residual=options.use_batch_norm_in_fusion_residual,
         )
         self.neck = DPTNeck(self.config)
         self.head = DPTSemanticSegmentationHead(self.config)
         # The first fusion layer has no residual input, so its residual unit would never get a gradient.
         del self.neck.fusion_stage.layers[0].residual_layer1
         # fusion_hidden_size maps on the fusion stage's grid (8x the token grid), then the head's convolutions.
-        self.end_decoder(split_dpt_classifier(self.head), fusion_hidden_size, stride=self.patch_size / 8)
+        self.end_decoder(split_dpt_classifier(self.head), options.fusion_hidden_size, stride=self.patch_size / 8)
 
     # Read-only views of the config, under the names of the DPT plan's model (code written against it reads them).
     @property

@@ -7,25 +7,36 @@ levels with a 1x1 projection instead of decoding the last block only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 from dynamic_network_architectures.building_blocks.patch_encode_decode import LayerNormNd, PatchDecode
 
 from nnunetv2.model.common import ViTSegmentationModel, make_factory
+from nnunetv2.model.config import DecoderConfig
+
+
+@dataclass
+class PrimusDecoderConfig(DecoderConfig):
+    """Primus's options (``model.decoder`` for ``model_primus``)."""
+
+    multi_scale: bool = False  # fuse the four feature levels instead of decoding the last block only
 
 
 class PrimusSegmentationModel(ViTSegmentationModel):
-    """ViT backbone + Primus patch decoder.
+    """ViT backbone + Primus patch decoder, with the options of ``PrimusDecoderConfig``.
 
     ``PatchDecode`` only upsamples by powers of two, so for patch 14 the decoder works at the next
     power of two (16) and the base class rescales the aligned logits to the input grid.
-    Decoder option: ``multi_scale`` (fuse the four feature levels, default False).
     """
 
-    def __init__(self, *, multi_scale: bool = False, **backbone_kwargs) -> None:
-        super().__init__(**backbone_kwargs)
-        self.multi_scale = multi_scale
-        if multi_scale:
+    config_class = PrimusDecoderConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.multi_scale = self.decoder_config.multi_scale
+        if self.multi_scale:
             self.fuse = nn.Sequential(
                 nn.Conv2d(4 * self.embed_dim, self.embed_dim, kernel_size=1), LayerNormNd(self.embed_dim), nn.GELU()
             )

@@ -6,39 +6,41 @@ by HuggingFace's ``SegformerDecodeHead``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass
 
 from transformers import SegformerConfig
 from transformers.models.segformer.modeling_segformer import SegformerDecodeHead
 
-from nnunetv2.model.common import ViTPyramidHeadModel, make_factory
+from nnunetv2.model.common import PyramidChannels, ViTPyramidHeadModel, make_factory
+from nnunetv2.model.config import DecoderConfig, NonNegativeFloat, PositiveInt
+
+
+@dataclass
+class SegFormerDecoderConfig(DecoderConfig):
+    """SegFormer's options (``model.decoder`` for ``model_segformer``)."""
+
+    decoder_hidden_size: PositiveInt = 256  # width of the MLP
+    pyramid_channels: PyramidChannels = None  # channels of the four pyramid levels; None: [E/4, E/2, E, E]
+    dropout: NonNegativeFloat = 0.1  # before the classifier
 
 
 class SegFormerSegmentationModel(ViTPyramidHeadModel):
-    """ViT backbone + feature pyramid + HF SegFormer MLP decode head.
+    """ViT backbone + feature pyramid + HF SegFormer MLP decode head, with the options of
+    ``SegFormerDecoderConfig``."""
 
-    Decoder options: ``decoder_hidden_size`` (MLP width), ``pyramid_channels`` (channels of the
-    four pyramid levels, default ``[E/4, E/2, E, E]``) and ``dropout`` before the classifier.
-    """
+    config_class = SegFormerDecoderConfig
 
-    def __init__(
-        self,
-        *,
-        decoder_hidden_size: int = 256,
-        pyramid_channels: Optional[Sequence[int]] = None,
-        dropout: float = 0.1,
-        **backbone_kwargs,
-    ) -> None:
-        super().__init__(**backbone_kwargs)
-        pyramid_channels = self.add_pyramid(pyramid_channels)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.decoder_config
         self.config = SegformerConfig(
             num_encoder_blocks=4,
-            hidden_sizes=pyramid_channels,
-            decoder_hidden_size=decoder_hidden_size,
-            classifier_dropout_prob=dropout,
+            hidden_sizes=self.add_pyramid(),
+            decoder_hidden_size=options.decoder_hidden_size,
+            classifier_dropout_prob=options.dropout,
             num_labels=self.num_classes,
         )
-        self.add_head(SegformerDecodeHead(self.config), decoder_hidden_size)
+        self.add_head(SegformerDecodeHead(self.config), options.decoder_hidden_size)
 
 
 create_segmentation_model = make_factory(SegFormerSegmentationModel)

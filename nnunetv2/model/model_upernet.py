@@ -6,38 +6,41 @@ by HuggingFace's ``UperNetHead`` (pyramid pooling on the coarsest level + FPN).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List
 
 from transformers import UperNetConfig
 from transformers.models.upernet.modeling_upernet import UperNetHead
 
-from nnunetv2.model.common import ViTPyramidHeadModel, make_factory
+from nnunetv2.model.common import PyramidChannels, ViTPyramidHeadModel, make_factory
+from nnunetv2.model.config import DecoderConfig, PositiveInt
+
+
+@dataclass
+class UperNetDecoderConfig(DecoderConfig):
+    """UperNet's options (``model.decoder`` for ``model_upernet``)."""
+
+    hidden_size: PositiveInt = 256  # channels of the pyramid pooling module and the FPN
+    pool_scales: List[PositiveInt] = field(default_factory=lambda: [1, 2, 3, 6])  # pyramid pooling bins
+    pyramid_channels: PyramidChannels = None  # channels of the four pyramid levels; None: [E/4, E/2, E, E]
 
 
 class UperNetSegmentationModel(ViTPyramidHeadModel):
-    """ViT backbone + feature pyramid + HF UperNet head.
+    """ViT backbone + feature pyramid + HF UperNet head, with the options of ``UperNetDecoderConfig``."""
 
-    Decoder options: ``hidden_size`` (channels of the PPM/FPN), ``pool_scales`` (pyramid pooling
-    bins) and ``pyramid_channels`` (channels of the four pyramid levels, default ``[E/4, E/2, E, E]``).
-    """
+    config_class = UperNetDecoderConfig
 
-    def __init__(
-        self,
-        *,
-        hidden_size: int = 256,
-        pool_scales: Sequence[int] = (1, 2, 3, 6),
-        pyramid_channels: Optional[Sequence[int]] = None,
-        **backbone_kwargs,
-    ) -> None:
-        super().__init__(**backbone_kwargs)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.decoder_config
         # Pool scale 1 gives a 1x1 map, where BatchNorm in training needs at least two samples.
-        self.min_train_batch_size = 2 if 1 in pool_scales else 1
-        pyramid_channels = self.add_pyramid(pyramid_channels)
+        self.min_train_batch_size = 2 if 1 in options.pool_scales else 1
+        pyramid_channels = self.add_pyramid()
         self.config = UperNetConfig(
-            hidden_size=hidden_size, pool_scales=list(pool_scales), num_labels=self.num_classes,
+            hidden_size=options.hidden_size, pool_scales=list(options.pool_scales), num_labels=self.num_classes,
             use_auxiliary_head=False,
         )
-        self.add_head(UperNetHead(self.config, in_channels=pyramid_channels), hidden_size)
+        self.add_head(UperNetHead(self.config, in_channels=pyramid_channels), options.hidden_size)
 
 
 create_segmentation_model = make_factory(UperNetSegmentationModel)

@@ -1,44 +1,34 @@
-"""YAML config schema for ViT training: load, validate (one clear error before any work), resolve.
+"""YAML config for ViT training: read (with ``inherits:``), check (one clear error before any work), build the model.
 
-A config has three sections. ``model`` names the model module and its backbone/decoder options,
-``lora`` the peft adapters, ``train`` the optimisation settings. Keys left out keep the defaults
-below, which for ``train`` are upstream nnU-Net's; ``inherits: other.yaml`` starts from another
-config, so a file lists only what differs. Each field carries its type, default and constraint
-(``option``); a resolved ``ViTConfig`` is read by attribute, and its ``to_dict()`` is what travels
-with a trained model in its plans.json and checkpoints.
+A config has three sections, each a typed dataclass whose fields carry their type, default and meaning:
+``model`` (``ModelSection``; its ``decoder`` is the model module's own ``DecoderConfig``), ``lora``
+(``LoraSettings``, under peft's ``LoraConfig`` names) and ``train`` (``TrainSection``; upstream nnU-Net's
+defaults). Keys left out keep the defaults; ``inherits: other.yaml`` starts from another config, so a file lists
+only what differs. The resolved ``ViTConfig`` travels with a trained model as ``to_dict()`` (plans.json,
+checkpoints) and reads back with ``from_stored``: the same keys from the file to the model.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import dataclasses
 import importlib
-import inspect
 import logging
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Literal, Optional, Tuple, Union
 
-import torch
 import yaml
 
-from nnunetv2.model.common import ViTSegmentationModel
+from nnunetv2.model.config import (
+    DecoderConfig, LoraSettings, NonNegativeFloat, NonNegativeInt, OptionError, PositiveFloat, PositiveInt,
+    TypedConfig, UnknownOptionError,
+)
 from nnunetv2.vit.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 INHERITS = "inherits"  # top-level key of a config file: the file whose values it starts from
-
-# The keywords every model factory takes (the model contract: the base model's positional parameters); all its
-# other keywords are decoder options.
-FACTORY_KEYWORDS = tuple(
-    name for name, param in list(inspect.signature(ViTSegmentationModel.__init__).parameters.items())[1:]
-    if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-)
 MODEL_PACKAGE = "nnunetv2.model"
-# auto: as the configuration trained on was planned (backbone on a nnUNetv2_plan_vit.py plan, nnU-Net's own on '2d').
-NORMALIZATIONS = ("auto", "backbone", "zscore")
 # Configs stored before model.normalization existed trained on nnU-Net's z-scored data: they keep that meaning.
 STORED_BEFORE_NORMALIZATION = {"normalization": "zscore"}
 # Configs stored before the parameter-group keys existed decayed every parameter: a resume (--c) keeps that, and the
@@ -52,74 +42,62 @@ def builtin_model_modules() -> List[str]:
     return sorted(f"{MODEL_PACKAGE}.{path.stem}" for path in folder.glob("model_*.py"))
 
 
-def option(default: Any = dataclasses.MISSING, *, factory: Optional[Callable[[], Any]] = None,
-           choices: Tuple[Any, ...] = (), positive: bool = False, non_negative: bool = False,
-           non_empty: bool = False) -> Any:
-    """A config field: its default (or ``factory``) and the constraint its value must meet."""
-    metadata = {"choices": choices, "positive": positive, "non_negative": non_negative, "non_empty": non_empty}
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass
-class ModelSection:
+class ModelSection(TypedConfig):
     """``model``: which model module, backbone and weights; ``decoder`` holds the module's decoder options."""
 
-    model_path: str = option("nnunetv2.model.model_dpt")  # a module with create_segmentation_model
-    backbone: str = option("dinov3")  # a family of nnunetv2/model/backbone.py, checked there with its sizes
-    backbone_size: str = option("large")
-    checkpoint_path: Optional[str] = option(None)  # local backbone weights file or transformers folder; "" = none
-    pretrained: bool = option(True)  # download timm weights when there is no checkpoint_path
-    trust_checkpoint: bool = option(False)  # load checkpoint_path as a full pickle (it can run code)
+    model_path: str = "nnunetv2.model.model_dpt"  # a module with create_segmentation_model
+    backbone: str = "dinov3"  # a family of nnunetv2/model/backbone.py, checked there with its sizes
+    backbone_size: str = "large"
+    checkpoint_path: Optional[str] = None  # local backbone weights file or transformers folder; "" = none
+    pretrained: bool = True  # download timm weights when there is no checkpoint_path
+    trust_checkpoint: bool = False  # load checkpoint_path as a full pickle (it can run code)
     # Input intensities: as in the backbone's pretraining (on a configuration nnUNetv2_plan_vit.py planned), as nnU-Net
     # normalizes for its U-Net (zscore: '2d' and its data), or auto: whichever the configuration trained on was planned
     # for. A trained model stores the one it used.
-    normalization: str = option("auto", choices=NORMALIZATIONS)
+    normalization: Literal["auto", "backbone", "zscore"] = "auto"
     # No gradients, no optimizer state and no saved activations for the backbone (with LoRA: only the adapters train).
-    freeze_backbone: bool = option(False)
-    drop_path_rate: float = option(0.0, non_negative=True)  # stochastic depth over the backbone's blocks (timm's)
-    decoder: Dict[str, Any] = option(factory=dict)  # checked against the factory's keyword-only parameters
+    freeze_backbone: bool = False
+    drop_path_rate: NonNegativeFloat = 0.0  # stochastic depth over the backbone's blocks (timm's)
+    # The module's typed decoder options (its factory's config_class); a plain mapping for a module without one.
+    decoder: Union[DecoderConfig, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
-class LoraSection:
-    """``lora``: peft LoRA adapters on the backbone."""
-
-    enabled: bool = option(False)
-    r: int = option(8, positive=True)
-    lora_alpha: float = option(16.0, positive=True)
-    target_modules: List[str] = option(factory=lambda: ["qkv"], non_empty=True)
-    lora_dropout: float = option(0.05, non_negative=True)
-
-
-@dataclass
-class TrainSection:
+class TrainSection(TypedConfig):
     """``train``: optimisation settings; the defaults are upstream nnU-Net's."""
 
-    initial_lr: float = option(1e-2, positive=True)
-    weight_decay: float = option(3e-5, non_negative=True)
-    gradient_clip: float = option(12.0, positive=True)
-    num_epochs: int = option(1000, positive=True)
-    num_iterations_per_epoch: int = option(250, positive=True)
-    num_val_iterations_per_epoch: int = option(50, positive=True)
-    optimizer: str = option("sgd", choices=("sgd", "adamw"))
-    warmup_epochs: int = option(0, non_negative=True)
+    initial_lr: PositiveFloat = 1e-2
+    weight_decay: NonNegativeFloat = 3e-5
+    gradient_clip: PositiveFloat = 12.0
+    num_epochs: PositiveInt = 1000
+    num_iterations_per_epoch: PositiveInt = 250
+    num_val_iterations_per_epoch: PositiveInt = 50
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    warmup_epochs: NonNegativeInt = 0
     # Parameter groups (timm's): the backbone's peak lr is initial_lr x backbone_lr_scale, times layer_decay per block
     # from its last block down to the patch embedding (1.0: off); decoder and detail path get initial_lr.
-    backbone_lr_scale: float = option(1.0, positive=True)
-    layer_decay: float = option(1.0, positive=True)
+    backbone_lr_scale: PositiveFloat = 1.0
+    layer_decay: PositiveFloat = 1.0
     # false: no weight decay on norms, biases, position embeddings and class/register tokens (timm's rule).
-    decay_norms_and_biases: bool = option(False)
-    precision: str = option("auto", choices=("auto", "fp32", "fp16", "bf16"))
-    compile: str = option("auto", choices=("auto", "true", "false"))
-    gradient_checkpointing: bool = option(False)
-    batch_size: Optional[int] = option(None, positive=True)
-    max_nonfinite_steps: int = option(25, positive=True)
-    save_every: int = option(50, positive=True)
+    decay_norms_and_biases: bool = False
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    compile: Literal["auto", "true", "false"] = "auto"  # YAML's true/false are read as "true"/"false"
+    gradient_checkpointing: bool = False
+    batch_size: Optional[PositiveInt] = None
+    max_nonfinite_steps: PositiveInt = 25
+    save_every: PositiveInt = 50
+
+    def __post_init__(self) -> None:
+        if isinstance(self.compile, bool):
+            self.compile = str(self.compile).lower()
+        super().__post_init__()
+        if self.warmup_epochs >= self.num_epochs:
+            raise OptionError("warmup_epochs", f"({self.warmup_epochs}) must be smaller than 'train.num_epochs' "
+                                               f"({self.num_epochs}): the learning rate decays after the warm-up.")
 
 
-SECTIONS = {"model": ModelSection, "lora": LoraSection, "train": TrainSection}
+SECTIONS = {"model": ModelSection, "lora": LoraSettings, "train": TrainSection}
 
 
 @dataclass
@@ -128,75 +106,53 @@ class ViTConfig:
     YAML mapping). ``to_dict`` is what the plans and checkpoints store, ``from_stored`` reads it back."""
 
     model: ModelSection = field(default_factory=ModelSection)
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainSection = field(default_factory=TrainSection)
 
     @classmethod
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
         """A config stored with a trained model (validated when its training started); keys added since then take
         their defaults, except ``model.normalization`` and ``train.decay_norms_and_biases`` (see
-        ``STORED_BEFORE_NORMALIZATION``, ``STORED_BEFORE_PARAMETER_GROUPS``). Not validated again: its backbone file
-        need not exist where the model is used."""
+        ``STORED_BEFORE_NORMALIZATION``, ``STORED_BEFORE_PARAMETER_GROUPS``), and section keys since removed are
+        ignored. Its backbone file is not looked for: it need not exist where the model is used."""
         stored = {**stored, "model": {**STORED_BEFORE_NORMALIZATION, **stored.get("model", {})},
                   "train": {**STORED_BEFORE_PARAMETER_GROUPS, **stored.get("train", {})}}
-        return cls(**{name: section(**{f.name: stored.get(name, {})[f.name] for f in dataclasses.fields(section)
-                                       if f.name in stored.get(name, {})})
-                      for name, section in SECTIONS.items()})
+        known = {name: {f.name for f in dataclasses.fields(section)} for name, section in SECTIONS.items()}
+        config = cls(**{name: _section(name, {k: v for k, v in (stored.get(name) or {}).items() if k in known[name]},
+                                       "stored config") for name in SECTIONS})
+        _typed_decoder(config.model, "stored config")
+        return config
 
     def to_dict(self) -> Dict[str, Dict[str, Any]]:
         return dataclasses.asdict(self)
 
 
-def _type_ok(value: Any, annotation: Any) -> bool:
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Union:
-        return any(_type_ok(value, a) for a in args)
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, List, collections.abc.Sequence):  # YAML gives lists for both
-        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
-    if origin in (dict, Dict):
-        return isinstance(value, dict)
-    return isinstance(value, annotation)
+def _checked(make: Callable[[Dict[str, Any]], Any], values: Dict[str, Any], key: str, source: str) -> Any:
+    """``make(values)`` for the config mapping at ``key``, its errors as one ConfigError line naming file and key."""
+    try:
+        return make(values)
+    except UnknownOptionError as err:
+        raise ConfigError(f"{source}: unknown key '{key}.{err.key}'. Valid keys in '{key}': "
+                          f"{', '.join(err.valid) or '(none)'}.") from err
+    except OptionError as err:
+        raise ConfigError(f"{source}: '{key}.{err.key}' {err.problem}") from err
 
 
-def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "") if not isinstance(annotation, type) else annotation.__name__
-
-
-def _check_section(name: str, values: Any, source: str) -> Any:
-    """A section's dataclass from its YAML mapping: every key known, of its field's type, meeting its constraint."""
-    cls = SECTIONS[name]
+def _section(name: str, values: Any, source: str) -> Any:
+    """A section's typed config from its mapping."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: section '{name}' must be a mapping of keys, got {type(values).__name__}.")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key, value in values.items():
-        if key not in fields:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}'. Valid keys in '{name}': {', '.join(fields)}.")
-        if name == "train" and key == "compile" and isinstance(value, bool):
-            value = values[key] = str(value).lower()
-        if not _type_ok(value, hints[key]):
-            raise ConfigError(
-                f"{source}: '{name}.{key}' must be {_type_name(hints[key])}, got {value!r} ({type(value).__name__})."
-            )
-        rules = fields[key].metadata
-        if rules["choices"] and value not in rules["choices"]:
-            raise ConfigError(f"{source}: '{name}.{key}' must be one of {', '.join(rules['choices'])}, got {value!r}.")
-        if rules["positive"] and value is not None and value <= 0:
-            raise ConfigError(f"{source}: '{name}.{key}' must be positive, got {value!r}.")
-        if rules["non_negative"] and value < 0:
-            raise ConfigError(f"{source}: '{name}.{key}' must not be negative, got {value!r}.")
-        if rules["non_empty"] and not value:
-            default = fields[key].default_factory()
-            raise ConfigError(f"{source}: '{name}.{key}' must name at least one; leave it out for {default}.")
-    return cls(**values)
+    return _checked(SECTIONS[name].from_dict, values, name, source)
+
+
+def _typed_decoder(model: ModelSection, source: str) -> None:
+    """Turn ``model.decoder`` into the model module's typed decoder options, if its factory declares them."""
+    config_class = getattr(import_model_module(model.model_path, source).create_segmentation_model, "config_class",
+                           None)
+    if config_class is not None and isinstance(model.decoder, dict):
+        model.decoder = _checked(config_class.from_dict, model.decoder, "model.decoder", source)
 
 
 def import_model_module(model_path: str, source: str = "config"):
@@ -229,19 +185,8 @@ def quiet_model_logs() -> Iterator[None]:
         model_logger.setLevel(level)
 
 
-def _check_builds(config: ViTConfig, source: str) -> None:
-    """Build the architecture on the meta device (no memory, no weights, no download), so options no model can be
-    built from (a negative width, a wrong count, LoRA targets the backbone lacks, a factory that raises) are one
-    line here, before any work, and not a traceback when training starts."""
-    try:
-        with torch.device("meta"), quiet_model_logs():
-            build_model(config, in_channels=3, num_classes=2, load_weights=False)
-    except Exception as err:  # a factory (maybe a user's) can raise anything: each means this config builds nothing
-        raise ConfigError(f"{source}: {config.model.model_path} cannot build this model from model.decoder and "
-                          f"lora ({type(err).__name__}: {_first_line(err)}).") from err
-
-
 def _check_model(model: ModelSection, source: str) -> None:
+    """What only the machine the training starts on can check: backbone family and size, the weights file."""
     from nnunetv2.model.backbone import get_family
 
     try:
@@ -260,19 +205,6 @@ def _check_model(model: ModelSection, source: str) -> None:
             f"{source}: backbone '{model.backbone}' has no public download: set model.checkpoint_path to your "
             f"checkpoint file, or model.pretrained: false to start from random weights."
         )
-    factory = import_model_module(model.model_path, source).create_segmentation_model
-    options = {k: p for k, p in inspect.signature(factory).parameters.items() if k not in FACTORY_KEYWORDS}
-    for key, value in model.decoder.items():
-        if key not in options:
-            raise ConfigError(
-                f"{source}: unknown key 'model.decoder.{key}' for {model.model_path}. "
-                f"Valid decoder keys: {', '.join(options) or '(none)'}."
-            )
-        annotation = options[key].annotation
-        if annotation is not inspect.Parameter.empty and not isinstance(annotation, str) \
-                and not _type_ok(value, annotation):
-            raise ConfigError(f"{source}: 'model.decoder.{key}' must be {_type_name(annotation)}, "
-                              f"got {value!r} ({type(value).__name__}).")
 
 
 def validate_config(raw: Any, source: str = "config") -> ViTConfig:
@@ -286,14 +218,10 @@ def validate_config(raw: Any, source: str = "config") -> ViTConfig:
             raise ConfigError(f"{source}: unknown section '{name}'. Valid sections: {', '.join(SECTIONS)}.")
     if "model_path" not in (raw.get("model") or {}):
         raise ConfigError(f"{source}: 'model.model_path' is required (e.g. nnunetv2.model.model_dpt).")
-    sections = {name: _check_section(name, raw.get(name), source) for name in SECTIONS}
-    _check_model(sections["model"], source)
-    _check_builds(ViTConfig(**sections), source)
-    train = sections["train"]
-    if train.warmup_epochs >= train.num_epochs:
-        raise ConfigError(f"{source}: 'train.warmup_epochs' ({train.warmup_epochs}) must be smaller than "
-                          f"'train.num_epochs' ({train.num_epochs}): the learning rate decays after the warm-up.")
-    return ViTConfig(**sections)
+    config = ViTConfig(**{name: _section(name, raw.get(name), source) for name in SECTIONS})
+    _check_model(config.model, source)
+    _typed_decoder(config.model, source)
+    return config
 
 
 def resolve_config_path(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
@@ -376,33 +304,27 @@ def load_config(path: Union[str, Path]) -> ViTConfig:
     return validate_config(read_config_file(path), str(path))
 
 
-def model_kwargs(config: ViTConfig, in_channels: int, num_classes: int, load_weights: bool) -> Dict[str, Any]:
-    """Keyword arguments for ``create_segmentation_model`` from a resolved config.
-
-    ``load_weights=False`` builds the architecture only (prediction, resuming: the weights come
-    from the nnU-Net checkpoint, so no download and no backbone file are needed).
-    """
-    model, lora = config.model, config.lora
-    return dict(
-        backbone_name=model.backbone,
-        backbone_size=model.backbone_size,
-        num_classes=num_classes,
-        checkpoint_path=model.checkpoint_path if load_weights else None,
-        pretrained=model.pretrained and load_weights,
-        trust_checkpoint=model.trust_checkpoint and load_weights,
-        in_channels=in_channels,
-        freeze_backbone=model.freeze_backbone,
-        drop_path_rate=model.drop_path_rate,
-        use_lora=lora.enabled,
-        lora_rank=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        lora_target_modules=lora.target_modules,
-        **model.decoder,
-    )
-
-
 def build_model(config: ViTConfig, in_channels: int, num_classes: int, load_weights: bool):
-    """Build the segmentation network a resolved config describes."""
-    factory = import_model_module(config.model.model_path).create_segmentation_model
-    return factory(**model_kwargs(config, in_channels, num_classes, load_weights))
+    """Build the segmentation network a resolved config describes; ``load_weights=False`` builds the architecture
+    only (prediction, resuming: the weights come from the nnU-Net checkpoint, so no download and no backbone file).
+
+    What the typed config cannot know before the backbone exists (LoRA targets the backbone lacks, a user's factory
+    that refuses its options) is one ConfigError line naming the keys to change."""
+    model = config.model
+    factory = import_model_module(model.model_path).create_segmentation_model
+    decoder = dataclasses.asdict(model.decoder) if dataclasses.is_dataclass(model.decoder) else model.decoder
+    try:
+        return factory(
+            model.backbone, model.backbone_size, num_classes,
+            checkpoint_path=model.checkpoint_path if load_weights else None,
+            freeze_backbone=model.freeze_backbone,
+            pretrained=model.pretrained and load_weights,
+            in_channels=in_channels,
+            trust_checkpoint=model.trust_checkpoint and load_weights,
+            drop_path_rate=model.drop_path_rate,
+            lora=config.lora,
+            **decoder,
+        )
+    except (ValueError, TypeError, LookupError) as err:  # the model layer's option errors; a user factory's too
+        raise ConfigError(f"{model.model_path} cannot build this model from model.decoder and lora "
+                          f"({type(err).__name__}: {_first_line(err)}); change them in the config.") from err

@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> None:
          "-np", os.environ["nnUNet_def_n_proc"]]))
 
     from nnunetv2.vit.config import load_config
-    from nnunetv2.vit.stored import require_same_model, stored_config
+    from nnunetv2.vit.trained_model import require_same_model, stored_config
     from nnunetv2.vit.train import build_parser, results_folder, run as run_training
 
     step(f"3/5 train DPT on {configuration} (nnUNetv2_train_vit.py)")

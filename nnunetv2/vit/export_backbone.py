@@ -17,7 +17,7 @@ import torch
 from nnunetv2.vit.cli import run_main
 from nnunetv2.vit.config import build_model, quiet_model_logs
 from nnunetv2.vit.errors import ConfigError
-from nnunetv2.vit.stored import network_weights, read_training_checkpoint, stored_config
+from nnunetv2.vit.trained_model import network_weights, read_training_checkpoint, stored_config
 
 PROG = "nnUNetv2_export_backbone_vit.py"
 BACKBONE = "backbone."

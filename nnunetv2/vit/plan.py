@@ -47,7 +47,7 @@ from nnunetv2.vit.lifetime import end_workers_with_this_process
 from nnunetv2.vit.normalization import PARAMETERS_KEY, BackboneNormalization
 
 PROG = "nnUNetv2_plan_vit.py"
-BASE = "2d"  # the nnU-Net configuration ViT configurations inherit from
+PARENT = "2d"  # the nnU-Net configuration every ViT configuration inherits from (its inherits_from)
 PLAN_KEY = "vit_plan"  # a configuration's record of what this command chose, and why
 PLANNED_FOR = ("backbone", "backbone_size", "normalization")  # what a config must keep to train on the plan
 EIGHT_BIT = (0.0, 255.0)
@@ -57,7 +57,7 @@ GB = 1e9  # -gpu_memory_target is in GB (10^9 bytes), as nnU-Net's
 def default_configuration_name(config_path: str) -> str:
     """``2d_<config file stem>``: ``dpt.yaml`` plans ``2d_dpt``."""
     stem = Path(config_path).stem
-    return stem if stem.startswith(f"{BASE}_") else f"{BASE}_{stem}"
+    return stem if stem.startswith(f"{PARENT}_") else f"{PARENT}_{stem}"
 
 
 def channel_statistics(mean: Sequence[float], std: Sequence[float], num_channels: int) -> Tuple[List[Tuple], str]:
@@ -111,7 +111,7 @@ def add_2d_configuration(plans: dict, name: str, **planned: Any) -> None:
     """Add ``name`` to ``plans`` as a configuration inheriting ``2d`` (nnU-Net's ``inherits_from``): ``2d``'s spacing,
     resampling and preprocessed data, except what ``planned`` sets. Both the planner and training's lookup of an
     unplanned ``2d_<name>`` make their entries here."""
-    plans["configurations"][name] = {"inherits_from": BASE, **planned}
+    plans["configurations"][name] = {"inherits_from": PARENT, **planned}
 
 
 class ViTExperimentPlanner(ExperimentPlanner):
@@ -153,8 +153,8 @@ class ViTExperimentPlanner(ExperimentPlanner):
         self.check_plannable(plans)
         plans = copy.deepcopy(plans)
         manager = PlansManager(plans)
-        base = manager.get_configuration(BASE).configuration
-        num_channels = determine_num_input_channels(manager, BASE, self.dataset_json)  # as the trainer counts them
+        base = manager.get_configuration(PARENT).configuration
+        num_channels = determine_num_input_channels(manager, PARENT, self.dataset_json)  # as the trainer counts them
         num_classes = manager.get_label_manager(self.dataset_json).num_segmentation_heads
         build = functools.partial(build_model, self.config, num_channels, num_classes, load_weights=False)
         with quiet_model_logs():
@@ -173,12 +173,12 @@ class ViTExperimentPlanner(ExperimentPlanner):
     def check_plannable(self, plans: dict) -> None:
         """Refuse a name that would replace one of nnU-Net's configurations, plans without ``2d``, no memory."""
         name = self.configuration_name
-        if not name.startswith(f"{BASE}_"):
-            raise ConfigError(f"Configuration name '{name}' must start with '{BASE}_' (e.g. '{BASE}_dpt'): '{BASE}' "
-                              f"and nnU-Net's other configurations stay as nnU-Net planned them.")
-        if BASE not in plans["configurations"]:
-            raise ConfigError(f"The plans have no '{BASE}' configuration to start from. Run "
-                              f"`nnUNetv2_plan_and_preprocess -d DATASET -c {BASE}` first.")
+        if not name.startswith(f"{PARENT}_"):
+            raise ConfigError(f"Configuration name '{name}' must start with '{PARENT}_' (e.g. '{PARENT}_dpt'): "
+                              f"'{PARENT}' and nnU-Net's other configurations stay as nnU-Net planned them.")
+        if PARENT not in plans["configurations"]:
+            raise ConfigError(f"The plans have no '{PARENT}' configuration to start from. Run "
+                              f"`nnUNetv2_plan_and_preprocess -d DATASET -c {PARENT}` first.")
         if self.UNet_vram_target_GB <= 0:
             raise ConfigError(f"-gpu_memory_target must be positive, got {self.UNet_vram_target_GB:g}.")
 
@@ -186,7 +186,7 @@ class ViTExperimentPlanner(ExperimentPlanner):
         """``2d``'s patch rounded to the model's alignment, so no pixel of a patch is padding; and why."""
         alignment = model.patch_size * model.token_grid_multiple
         patch_size = aligned_patch_size(base_patch_size, alignment)
-        why = (f"'{BASE}' patch {list(base_patch_size)} rounded to a multiple of {alignment} (patch "
+        why = (f"'{PARENT}' patch {list(base_patch_size)} rounded to a multiple of {alignment} (patch "
                f"{model.patch_size} x token grid multiple {model.token_grid_multiple}): {patch_size}")
         return patch_size, why
 
@@ -214,13 +214,13 @@ class ViTExperimentPlanner(ExperimentPlanner):
         """The entries the planned normalization changes from ``2d`` (none for nnU-Net's own), and why. The backbone's
         parameters go into ``plans``, where upstream hands them to the scheme."""
         if planned_normalization(self.config) != "backbone":
-            return {}, (f"nnU-Net's, as planned for '{BASE}' ({', '.join(base['normalization_schemes'])}), on its "
+            return {}, (f"nnU-Net's, as planned for '{PARENT}' ({', '.join(base['normalization_schemes'])}), on its "
                         f"preprocessed data")
         schemes, use_mask = self.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
         parameters, why = backbone_normalization(plans, self.config, len(schemes))
         _store_parameters(plans, parameters, self.configuration_name)
         digest = hashlib.sha1(json.dumps(parameters, sort_keys=True).encode()).hexdigest()[:8]
-        return {"data_identifier": self.generate_data_identifier(f"{BASE}_backbone_{digest}"),
+        return {"data_identifier": self.generate_data_identifier(f"{PARENT}_backbone_{digest}"),
                 "normalization_schemes": schemes, "use_mask_for_norm": use_mask}, why
 
     def record(self, patch_why: str, batch_why: str, memory: TrainingMemory, normalization_why: str) -> dict:
@@ -272,7 +272,7 @@ def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, da
     planned = PlansManager(plans).get_configuration(configuration).configuration
     record = planned.get(PLAN_KEY)
     model = config.model
-    name = configuration if configuration != BASE else default_configuration_name(config_file)
+    name = configuration if configuration != PARENT else default_configuration_name(config_file)
     plan_command = f"`python {PROG} {dataset} --config {config_file} -c {name}`"
     schemes = ", ".join(planned["normalization_schemes"])
     if record is None:
@@ -298,7 +298,7 @@ def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, da
                 f"{config_file} (`python {PROG} {dataset} --config {config_file} -c "
                 f"{default_configuration_name(config_file)}`), or train with the config it was planned for.")
         used = wanted["normalization"]
-        other = (f"nnU-Net's: train on '{BASE}'" if used == "backbone" else
+        other = (f"nnU-Net's: train on '{PARENT}'" if used == "backbone" else
                  "the backbone's: plan with model.normalization: backbone under another name")
         note = (f"normalization: {used} ({schemes}), as {PROG} planned '{configuration}'. For {other}.")
     return dataclasses.replace(config, model=dataclasses.replace(model, normalization=used)), note
@@ -344,7 +344,7 @@ def run(args: argparse.Namespace) -> None:
     plans_file = folder / f"{args.p}.json"
     if not plans_file.is_file():
         raise ConfigError(f"{plans_file} does not exist: plan the dataset with nnU-Net first "
-                          f"(`nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {BASE} --no_pp`).")
+                          f"(`nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {PARENT} --no_pp`).")
     target = {} if args.gpu_memory_target is None else {"gpu_memory_target_in_gb": args.gpu_memory_target}
     planner = ViTExperimentPlanner(dataset, config, name, plans_name=args.p, **target)
     plans = planner.plan_experiment()

@@ -96,7 +96,7 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
     (default: the first checkpoint's). ``vit`` false: a model of another trainer (upstream's U-Net, which the
     benchmarks predict next to ours), read without the ViT config checks."""
     from nnunetv2.vit.config import ViTConfig
-    from nnunetv2.vit.stored import read_training_checkpoint, require_same_model, stored_config
+    from nnunetv2.vit.trained_model import read_training_checkpoint, require_same_model, stored_config
 
     folder = Path(folder)
     plans_file = folder / "plans.json"
@@ -135,7 +135,7 @@ def initialize_predictor(predictor: nnUNetPredictor, model: TrainedModel, traine
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2.vit.stored import network_weights
+    from nnunetv2.vit.trained_model import network_weights
     from nnunetv2.vit.upstream_adapter import find_trainer_class
 
     first = model.checkpoints[0]

@@ -35,9 +35,9 @@ from nnunetv2.vit.errors import (
     USER_ERRORS, CheckpointReadError, ConfigError, OutOfMemoryError, TrainingStopped, out_of_memory,
 )
 from nnunetv2.vit.plan import (
-    PROG as PLAN_PROG, BASE, PLAN_KEY, add_2d_configuration, default_configuration_name, resolve_normalization,
+    PROG as PLAN_PROG, PARENT, PLAN_KEY, add_2d_configuration, default_configuration_name, resolve_normalization,
 )
-from nnunetv2.vit.stored import (
+from nnunetv2.vit.trained_model import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
 from nnunetv2.vit.trainer import STOP_SIGNALS, control_group, nnUNetTrainer_vit
@@ -106,8 +106,8 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
             f"Run `nnUNetv2_plan_and_preprocess -d {dataset_name_or_id} -c 2d` first."
         )
     plans = load_json(str(plans_file))
-    if configuration not in plans["configurations"] and configuration.startswith(f"{BASE}_") \
-            and BASE in plans["configurations"]:
+    if configuration not in plans["configurations"] and configuration.startswith(f"{PARENT}_") \
+            and PARENT in plans["configurations"]:
         add_2d_configuration(plans, configuration)  # same data as '2d', its own results folder
     if configuration not in plans["configurations"]:
         raise ConfigError(f"Configuration '{configuration}' is not in {plans_file}. Available: "
@@ -129,7 +129,7 @@ def require_preprocessed(args: argparse.Namespace, dataset: str, plans: dict) ->
     if not (Path(nnUNet_preprocessed.get()) / dataset / planned.data_identifier).is_dir():
         command = (f"python {PLAN_PROG} {args.dataset_name_or_id} --config {args.config or 'CONFIG.yaml'} "
                    f"-c {args.configuration}" if PLAN_KEY in planned.configuration else
-                   f"nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {BASE}")
+                   f"nnUNetv2_plan_and_preprocess -d {args.dataset_name_or_id} -c {PARENT}")
         raise ConfigError(f"Configuration '{args.configuration}' of {dataset} is planned but not preprocessed. "
                           f"Run `{command}` first.")
 

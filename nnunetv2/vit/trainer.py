@@ -1,6 +1,6 @@
 """nnUNetTrainer_vit: upstream nnU-Net training for ViT segmentation models configured by YAML.
 
-The resolved YAML config lives in the plans (``stored.py``): upstream copies the plans into the
+The resolved YAML config lives in the plans (``trained_model.py``): upstream copies the plans into the
 results folder and every checkpoint, so prediction and ``--val`` rebuild the network from there,
 without the YAML file or any download.
 """
@@ -31,7 +31,7 @@ from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.model.common import ViTSegmentationModel
 from nnunetv2.vit.config import TrainSection, build_model
 from nnunetv2.vit.errors import CheckpointWriteError, ConfigError, NonFiniteTrainingError, TrainingStopped
-from nnunetv2.vit.stored import (
+from nnunetv2.vit.trained_model import (
     network_weights, read_training_checkpoint, require_same_model, required_config, stored_config,
 )
 
