@@ -25,8 +25,9 @@ from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.normalization import PARAMETERS_KEY, BackboneNormalization
 from test_robustness import TINY_MODEL, run_cli
 
-# Plans for the backbone: no 'normalization: zscore' as the tests that train on nnU-Net's '2d' have.
-PLANNED_MODEL = {key: value for key, value in TINY_MODEL.items() if key != "normalization"}
+# Plans for the backbone's normalization, said explicitly: 'auto' plans it for pretrained weights only, and the tiny
+# model has random ones (test_auto_plans_the_backbones_normalization_for_pretrained_weights_only).
+PLANNED_MODEL = {**TINY_MODEL, "normalization": "backbone"}
 TINY_TRAIN = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "optimizer": "adamw"}
 
 
@@ -195,6 +196,26 @@ def test_zscore_plan_keeps_nnunets_normalization_and_data(own_dataset):
     assert entry.normalization_schemes == plans["configurations"]["2d"]["normalization_schemes"]
 
 
+def test_auto_plans_the_backbones_normalization_for_pretrained_weights_only(own_dataset, tmp_path):
+    """'auto' plans the backbone's pretraining normalization for a download or a weights file, and nnU-Net's z-score
+    for random weights (nothing to match; they learned far slower on fixed statistics); training with 'auto' on a
+    planned configuration takes what it was planned for."""
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"")  # only its existence is checked when the config is read
+    assert plan_cli.planned_normalization(model_config(normalization="auto")) == "zscore"
+    assert plan_cli.planned_normalization(model_config(normalization="auto", pretrained=True)) == "backbone"
+    assert plan_cli.planned_normalization(model_config(normalization="auto", checkpoint_path=str(weights))) == \
+        "backbone"
+    assert plan_cli.planned_normalization(model_config(normalization="backbone")) == "backbone"
+    assert plan_cli.planned_normalization(model_config(normalization="zscore", pretrained=True)) == "zscore"
+
+    _, folder, _ = own_dataset
+    planned = vit_planner(model_config()).plan_configuration(plans_of(folder))
+    resolved, note = plan_cli.resolve_normalization(planned, "2d_vit", model_config(normalization="auto"),
+                                                    str(DATASET_ID), "vit.yaml")
+    assert resolved.model.normalization == "backbone" and "BackboneNormalization" in note
+
+
 def test_one_channel_plans_average_the_rgb_statistics():
     statistics, why = plan_cli.channel_statistics((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1)
     assert statistics == [pytest.approx((0.449, 0.226), abs=1e-3)] and "grey" in why
@@ -231,7 +252,8 @@ def test_configs_stored_before_the_key_keep_nnunets_normalization():
     stored = model_config().to_dict()
     del stored["model"]["normalization"]
     assert ViTConfig.from_stored(stored).model.normalization == "zscore"
-    assert model_config().model.normalization == "auto"
+    unsaid = {key: value for key, value in PLANNED_MODEL.items() if key != "normalization"}
+    assert validate_config({"model": unsaid}).model.normalization == "auto"
 
 
 # --- commands: plan, preprocess, train, predict -------------------------------------------------------------------
@@ -257,7 +279,7 @@ def test_plan_preprocess_train_predict_on_the_demo_data(planned_vit, planned_vit
     model_folder = results / "Dataset987_DemoFundus" / "nnUNetTrainer_vit__nnUNetPlans__2d_vit"
     assert (model_folder / "fold_0" / "checkpoint_final.pth").is_file()
     stored = load_json(str(model_folder / "plans.json"))["configurations"]["2d_vit"]["vit_config"]
-    assert stored["model"]["normalization"] == "backbone"  # what 'auto' resolved to is what the model records
+    assert stored["model"]["normalization"] == "backbone"  # what the model trained with is what it records
 
     from nnunetv2.vit.predict import predictor_from_trained_model
 

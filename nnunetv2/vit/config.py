@@ -54,7 +54,8 @@ class ModelSection(TypedConfig):
     trust_checkpoint: bool = False  # load checkpoint_path as a full pickle (it can run code)
     # Input intensities: as in the backbone's pretraining (on a configuration nnUNetv2_plan_vit.py planned), as nnU-Net
     # normalizes for its U-Net (zscore: '2d' and its data), or auto: whichever the configuration trained on was planned
-    # for. A trained model stores the one it used.
+    # for (nnUNetv2_plan_vit.py plans backbone for pretrained weights, zscore for random ones). A trained model stores
+    # the one it used.
     normalization: Literal["auto", "backbone", "zscore"] = "auto"
     # No gradients, no optimizer state and no saved activations for the backbone (with LoRA: only the adapters train).
     freeze_backbone: bool = False

@@ -3,9 +3,9 @@
 nnU-Net plans its ``2d`` configuration for its U-Net. This command adds ``2d_<name>`` to the dataset's plans,
 inheriting ``2d`` (spacing, resampling, splits) and choosing what the ViT needs:
 
-- normalization (``model.normalization``): ``auto`` or ``backbone`` scales each channel to 0-1 and applies the
-  backbone's pretraining mean and std (``BackboneNormalization``, its own preprocessed data); ``zscore`` keeps
-  nnU-Net's normalization and the ``2d`` data;
+- normalization (``model.normalization``): ``backbone`` scales each channel to 0-1 and applies the backbone's
+  pretraining mean and std (``BackboneNormalization``, its own preprocessed data); ``zscore`` keeps nnU-Net's
+  normalization and the ``2d`` data; ``auto`` is ``backbone`` for pretrained weights and ``zscore`` for random ones;
 - patch size: ``2d``'s, rounded to the model's alignment (patch size x token grid multiple), so no pixel of
   a patch is padding the model computes and throws away;
 - batch size: the largest that fits a GPU memory target by the memory model of the configured model
@@ -259,8 +259,14 @@ def _store_parameters(plans: dict, parameters: List[Dict], name: str) -> None:
 
 
 def planned_normalization(config: ViTConfig) -> str:
-    """What this command plans for a config: the backbone's normalization unless it asks for nnU-Net's (zscore)."""
-    return "zscore" if config.model.normalization == "zscore" else "backbone"
+    """What this command plans for a config: its explicit ``model.normalization``; for ``auto``, the backbone's
+    pretraining normalization when the backbone starts from pretrained weights (a download or a checkpoint file), and
+    nnU-Net's per-case z-score from random weights, which have no pretraining to match and learned far slower on
+    fixed statistics (cracks at 256x256: crack/blob Dice 0.31/0.41 against 0.69/0.90, benchmarks/RESULTS.md)."""
+    model = config.model
+    if model.normalization != "auto":
+        return model.normalization
+    return "backbone" if model.pretrained or model.checkpoint_path else "zscore"
 
 
 def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, dataset: str,
