@@ -97,6 +97,22 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
     assert fp16_overflow.count_skips(log)["nonfinite_loss_skips"] == 5
 
 
+def test_a_nonfinite_loss_with_finite_gradients_changes_nothing(nnunet_env):
+    """An infinite term that no parameter feeds leaves the gradients finite; the step is skipped all the same."""
+    trainer = make_trainer(optimizer="adamw", initial_lr=1e-3)
+    loss = trainer.loss
+    trainer.loss = lambda output, target: loss(output, target) + torch.tensor(float("inf"))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(batch(trainer))]
+    assert torch.isinf(outputs[0]["loss"])
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, f"an infinite loss changed {changed[:5]}"
+    assert not trainer.optimizer.state[next(iter(trainer.optimizer.state))]["step"]
+    trainer.on_train_epoch_end(outputs)
+    assert trainer.nonfinite_total == 1
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_a_skipped_first_step_leaves_the_optimizer_as_new(nnunet_env, monkeypatch, optimizer):
     """A good step after a skipped first step moves the weights exactly as a first good step would (torch's fused
