@@ -153,6 +153,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
 
     @property
     def world_size(self) -> int:
+        """The number of training processes (1 without DDP)."""
         return dist.get_world_size() if self.is_ddp else 1
 
     def _set_batch_size_and_oversample(self) -> None:
