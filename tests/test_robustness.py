@@ -97,17 +97,21 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
     assert fp16_overflow.count_skips(log)["nonfinite_loss_skips"] == 5
 
 
-def test_a_nonfinite_loss_with_finite_gradients_changes_nothing(nnunet_env):
-    """An infinite term that no parameter feeds leaves the gradients finite; the step is skipped all the same."""
+@pytest.mark.parametrize("term", ["infinite loss", "overflowing gradient norm"])
+def test_a_step_with_finite_gradients_but_a_nonfinite_loss_or_norm_changes_nothing(nnunet_env, term):
+    """An infinite term that no parameter feeds leaves the gradients finite; gradients of 1e20, each finite, have a
+    float32 norm of inf (clipping would scale them to zero and let the optimizer step). Both steps are skipped."""
     trainer = make_trainer(optimizer="adamw", initial_lr=1e-3)
     loss = trainer.loss
-    trainer.loss = lambda output, target: loss(output, target) + torch.tensor(float("inf"))
+    weight = next(trainer.model.classifier.parameters())
+    extra = (lambda: torch.tensor(float("inf"))) if term == "infinite loss" else (lambda: 1e20 * weight.sum())
+    trainer.loss = lambda output, target: loss(output, target) + extra()
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.on_train_epoch_start()
     outputs = [trainer.train_step(batch(trainer))]
-    assert torch.isinf(outputs[0]["loss"])
+    assert torch.isinf(outputs[0]["loss"]) == (term == "infinite loss")
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
-    assert not changed, f"an infinite loss changed {changed[:5]}"
+    assert not changed, f"a step with an {term} changed {changed[:5]}"
     assert not trainer.optimizer.state[next(iter(trainer.optimizer.state))]["step"]
     trainer.on_train_epoch_end(outputs)
     assert trainer.nonfinite_total == 1

@@ -245,10 +245,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         (``unit_scaler``, held at scale 1, for the other precisions): ``unscale_`` flags non-finite gradients and
         ``step`` hands the flag to the fused optimizer, which skips the update on the device. A non-finite loss is
         made to give NaN gradients, so it is flagged too; DDP averages the gradients before the check, so every
-        process sees the same flag. BatchNorm statistics and the skip counts follow the gradient norm, which is
-        non-finite exactly when a gradient is, except for finite gradients whose float32 norm overflows: clipping
-        scales those to zero and the optimizer steps. The loss is returned as a device tensor, and skipped steps are
-        counted there; ``on_train_epoch_end`` reads it all once per epoch.
+        process sees the same flag. A gradient norm that overflows float32 (finite gradients of 1e19) skips the step
+        too. BatchNorm statistics and the skip counts follow the gradient norm. The loss is returned as a device
+        tensor, and skipped steps are counted there; ``on_train_epoch_end`` reads it all once per epoch.
         """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
@@ -261,9 +260,15 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 loss = self.loss(self.network(data), target)
             loss_finite = torch.isfinite(loss.detach())
             scaler.scale(loss * torch.where(loss_finite, 1.0, float("nan"))).backward()
-        scaler.unscale_(self.optimizer)
+        if scaler is self.grad_scaler:  # fp16: clip the true gradients (fp16's cannot overflow a float32 norm)
+            scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.vit_config.train.gradient_clip)
         skip = ~torch.isfinite(grad_norm)
+        if scaler is self.unit_scaler:
+            # Finite gradients whose norm overflows were scaled to zero by clipping: one NaN makes unscale_ flag them.
+            grad = next(param.grad for param in self.network.parameters() if param.grad is not None)
+            grad.mul_(torch.where(skip, float("nan"), 1.0))
+            scaler.unscale_(self.optimizer)
         for buffer, saved in zip(running_stats, saved_stats):  # a skipped batch must not change BatchNorm
             buffer.copy_(torch.where(skip, saved, buffer))
         scaler.step(self.optimizer)
