@@ -218,7 +218,7 @@ def test_the_planned_batch_is_per_process_and_logged(nnunet_env):
     try:
         trainer.on_train_start()
     finally:
-        trainer._restore_signal_handlers()
+        trainer.stop_signals.restore()
         for loader in (trainer.dataloader_train, trainer.dataloader_val):
             if hasattr(loader, "_finish"):
                 loader._finish()

@@ -14,8 +14,9 @@ from nnunetv2.model.memory import training_memory
 from nnunetv2.vit import train as train_cli
 from nnunetv2.vit.config import TrainSection, ViTConfig, build_model, load_config, validate_config
 from nnunetv2.vit.errors import ConfigError
+from nnunetv2.vit.optim import describe_parameter_groups, parameter_groups
 from nnunetv2.vit.trained_model import add_vit_config
-from nnunetv2.vit.trainer import describe_parameter_groups, nnUNetTrainer_vit, parameter_groups
+from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
 DEPTH = 12  # ViT-S
 TINY_DECODER = {"fusion_hidden_size": 16, "neck_hidden_sizes": [16, 16, 16, 16]}

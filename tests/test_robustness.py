@@ -97,6 +97,26 @@ def test_nonfinite_steps_are_skipped_then_training_stops(nnunet_env):
     assert fp16_overflow.count_skips(log)["nonfinite_loss_skips"] == 5
 
 
+@pytest.mark.parametrize("term", ["infinite loss", "overflowing gradient norm"])
+def test_a_step_with_finite_gradients_but_a_nonfinite_loss_or_norm_changes_nothing(nnunet_env, term):
+    """An infinite term that no parameter feeds leaves the gradients finite; gradients of 1e20, each finite, have a
+    float32 norm of inf (clipping would scale them to zero and let the optimizer step). Both steps are skipped."""
+    trainer = make_trainer(optimizer="adamw", initial_lr=1e-3)
+    loss = trainer.loss
+    weight = next(trainer.model.classifier.parameters())
+    extra = (lambda: torch.tensor(float("inf"))) if term == "infinite loss" else (lambda: 1e20 * weight.sum())
+    trainer.loss = lambda output, target: loss(output, target) + extra()
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(batch(trainer))]
+    assert torch.isinf(outputs[0]["loss"]) == (term == "infinite loss")
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(before[k], v)]
+    assert not changed, f"a step with an {term} changed {changed[:5]}"
+    assert not trainer.optimizer.state[next(iter(trainer.optimizer.state))]["step"]
+    trainer.on_train_epoch_end(outputs)
+    assert trainer.nonfinite_total == 1
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_a_skipped_first_step_leaves_the_optimizer_as_new(nnunet_env, monkeypatch, optimizer):
     """A good step after a skipped first step moves the weights exactly as a first good step would (torch's fused

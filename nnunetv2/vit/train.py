@@ -40,7 +40,8 @@ from nnunetv2.vit.plan import (
 from nnunetv2.vit.trained_model import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
-from nnunetv2.vit.trainer import STOP_SIGNALS, control_group, nnUNetTrainer_vit
+from nnunetv2.vit.preemption import STOP_SIGNALS, control_group
+from nnunetv2.vit.trainer import nnUNetTrainer_vit
 from nnunetv2.vit.upstream_adapter import find_trainer_class
 
 PROG = "nnUNetv2_train_vit.py"

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
-from typing import Dict, List, Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -21,117 +20,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from nnunetv2.vit.compiling import CompileLog
-from nnunetv2.model.common import ViTSegmentationModel
-from nnunetv2.vit.config import TrainSection, build_model
+from nnunetv2.vit.config import build_model
 from nnunetv2.vit.errors import CheckpointWriteError, ConfigError, NonFiniteTrainingError, TrainingStopped
+from nnunetv2.vit.optim import WarmupPolyLRScheduler, build_optimizer, describe_parameter_groups
+from nnunetv2.vit.preemption import StopSignals, control_group
 from nnunetv2.vit.trained_model import (
     network_weights, read_training_checkpoint, require_same_model, required_config, stored_config,
 )
-
-# timm's ViT/Eva group_matcher puts cls_token, pos_embed and patch_embed in the stem (layer 0), not reg_token.
-STEM_EXTRA = ("reg_token",)
-# timm's no_weight_decay() names cls_token and pos_embed; the register tokens are 3-D, so the 1-D rule misses them.
-NO_WEIGHT_DECAY_EXTRA = ("reg_token",)
-
-
-def parameter_groups(model: ViTSegmentationModel, train: TrainSection) -> List[dict]:
-    """The optimizer's parameter groups, each with a ``name``, its ``lr_scale`` (peak lr = initial_lr x lr_scale)
-    and ``weight_decay``; trainable parameters only, the decoder's groups first (upstream logs group 0's lr).
-
-    Layer-wise decay as BEiT and RETFound (``lr_decay.py``) do it: with ``d`` blocks, the stem (patch embedding,
-    class/register tokens, position embedding) is layer 0, block ``i`` layer ``i + 1`` (timm's ``group_matcher``,
-    which adds the final norm to the last block), the decoder layer ``d + 1``; a backbone layer's scale is
-    ``backbone_lr_scale * layer_decay ** (d + 1 - layer)``, the decoder's and detail path's 1. LoRA adapters are in
-    their block's layer. Not timm's ``param_groups_layer_decay``: it counts layers up to the highest id it finds, so
-    the unmatched reg_token (dinov3) becomes a top layer of its own and shifts every scale by one power, and the last
-    block gets scale 1 where BEiT gives it ``layer_decay``. Weight decay as timm's ``param_groups_weight_decay``
-    (unless ``decay_norms_and_biases``): none on 1-D parameters (norms, biases, layer scales), ``no_weight_decay()``
-    (position embedding, class token) and register tokens. Groups with the same rate and decay are merged, so a
-    config without these options trains with one or two groups."""
-    from timm.models import group_parameters
-
-    vit = model.vit
-    depth = len(vit.blocks)
-    layer_of = group_parameters(vit, vit.group_matcher(coarse=False), reverse=True)
-    no_decay = set(getattr(vit, "no_weight_decay", set)()) | set(NO_WEIGHT_DECAY_EXTRA)
-    backbone_names = {id(param): name for name, param in vit.named_parameters()}
-
-    merged: Dict[tuple, dict] = {}
-    # The decoder's parameters first: named_parameters lists the backbone first, so take them in two passes.
-    ordered = [(n, p) for n, p in model.named_parameters() if id(p) not in backbone_names]
-    ordered += [(backbone_names[id(p)], p) for p in vit.parameters()]
-    for name, param in ordered:
-        if not param.requires_grad:
-            continue
-        if id(param) in backbone_names:
-            layer = 0 if name in STEM_EXTRA else layer_of.get(name, depth)
-            part = "backbone" if train.layer_decay == 1 else f"backbone layer {layer}"
-            scale = train.backbone_lr_scale * train.layer_decay ** (depth + 1 - layer)
-            decayed = train.decay_norms_and_biases or not (param.ndim <= 1 or name in no_decay)
-        else:
-            part, scale = "decoder", 1.0
-            decayed = train.decay_norms_and_biases or not (param.ndim <= 1 or name.endswith(".bias"))
-        weight_decay = train.weight_decay if decayed else 0.0
-        group = merged.setdefault((scale, weight_decay), {"name": part, "params": [], "lr_scale": scale,
-                                                          "weight_decay": weight_decay})
-        if part not in group["name"].split(" + "):
-            group["name"] += f" + {part}"
-        group["params"].append(param)
-    return list(merged.values())
-
-
-def describe_parameter_groups(optimizer: torch.optim.Optimizer, initial_lr: float) -> str:
-    """One line per parameter group: its parameters, peak learning rate and weight decay."""
-    lines = [f"{len(optimizer.param_groups)} parameter groups (peak lr = initial_lr {initial_lr:g} x lr_scale):"]
-    for i, group in enumerate(optimizer.param_groups):
-        count = sum(p.numel() for p in group["params"])
-        lines.append(f"  group {i} ({group.get('name', 'all')}): {count:,} parameters, peak lr "
-                     f"{initial_lr * group.get('lr_scale', 1.0):.3g}, weight decay {group['weight_decay']:g}")
-    return "\n".join(lines)
-
-
-# What clusters send before they stop a job: SLURM's SIGTERM (preemption, scancel) and --signal=USR1@seconds.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_control_group: Optional[dist.ProcessGroup] = None
-
-
-def control_group() -> dist.ProcessGroup:
-    """A gloo group of all processes for small CPU-side agreements (stop votes, the resume choice): on NCCL
-    they would need a device tensor and a host-device wait. Made on first use, which every process reaches in
-    the same order."""
-    global _control_group
-    if _control_group is None:
-        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return _control_group
-
-
-class WarmupPolyLRScheduler:
-    """Linear warm-up to the peak for ``warmup_steps`` epochs, then nnU-Net's poly decay: upstream's schedulers
-    give the factor (they set one lr for every group), and each group gets it times its own ``lr_scale``, kept in
-    the optimizer's groups so a resumed optimizer (``--c``) brings its peaks back."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int, warmup_steps: int) -> None:
-        self.optimizer = optimizer
-        self.warmup = Lin_incr_LRScheduler(optimizer, initial_lr, warmup_steps) if warmup_steps else None
-        self.decay = (
-            PolyLRScheduler_offset(optimizer, initial_lr, max_steps, warmup_steps)
-            if warmup_steps
-            else PolyLRScheduler(optimizer, initial_lr, max_steps)
-        )
-        self.step(0)
-
-    def step(self, current_step: int) -> None:
-        in_warmup = self.warmup is not None and current_step < self.warmup.max_steps
-        (self.warmup if in_warmup else self.decay).step(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] *= group.get("lr_scale", 1.0)
 
 
 class nnUNetTrainer_vit(nnUNetTrainer):
@@ -139,6 +39,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")) -> None:
+        """Upstream's, with the training settings of the plans' ViT config (as upstream's variants set theirs)."""
         super().__init__(plans, configuration, fold, dataset_json, device)
         if len(self.configuration_manager.patch_size) != 2:
             raise ConfigError(
@@ -162,6 +63,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.precision = self._resolve_precision(train.precision)
         # Loss scaling is needed for fp16 only; upstream makes a scaler for any CUDA device and none elsewhere.
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        # Other precisions step through a GradScaler held at scale 1 (see train_step): its unscale_ finds non-finite
+        # gradients and its step hands that flag to the fused optimizer, which skips the update on the device.
+        self.unit_scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0)
         # Set to False (resume, --val) to build the architecture only: the weights come from a checkpoint.
         self.load_pretrained_backbone = True
         # The user's word (--trust_checkpoint) that the checkpoints this trainer loads may be full pickles.
@@ -175,10 +79,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.fp16_overflows = 0
         self.compile_log: Optional[CompileLog] = None
         self.epoch_train_start = time.perf_counter()
-        # Preemption: the stop signal received (if any), the handlers it replaced, the stop vote in flight.
-        self.stop_signal = 0
-        self._previous_handlers: dict = {}
-        self._pending_vote: Optional[tuple] = None
+        self.stop_signals = StopSignals(self.is_ddp)  # preemption: caught from on_train_start to the end
         self.steps_this_epoch = 0
 
     def _resolve_precision(self, precision: str) -> str:
@@ -192,6 +93,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return precision
 
     def _autocast(self):
+        """Autocast to the training precision (none for fp32)."""
         if self.precision == "fp32":
             return dummy_context()
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
@@ -204,36 +106,18 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return build_model(required_config(configuration_manager), num_input_channels, num_output_channels,
                            load_weights=False)
 
-    def _build_training_network(self) -> torch.nn.Module:
-        """The network with the pretrained backbone (unless resuming) and the memory settings applied."""
-        network = build_model(self.vit_config, self.num_input_channels, self.label_manager.num_segmentation_heads,
-                              load_weights=self.load_pretrained_backbone)
-        if self.vit_config.train.gradient_checkpointing:
-            network.set_grad_checkpointing(True)
-        return network
-
     def initialize(self) -> None:
-        """Upstream's steps (nnunetv2 2.8.1), except three: the network is built for training (the static builder
-        is for the predictor), compiled one region at a time, and DDP wraps without SyncBatchNorm and
-        ``device_ids`` off CUDA, so gloo on CPU works (on CUDA its device is the process's, not the global rank).
-        A test notices when upstream's ``initialize`` changes."""
+        """Upstream hook missing: upstream's initialize builds the network only through the static
+        ``build_network_architecture`` (the predictor's: no pretrained weights), compiles it whole and wraps DDP with
+        SyncBatchNorm on ``device_ids=[global rank]`` (fails on CPU/gloo and on every node but the first), none of
+        it a hook; this takes upstream's steps with ``_training_network`` instead. A test watches upstream's."""
         if self.was_initialized:
             raise RuntimeError("The trainer is already initialized.")
         self._set_batch_size_and_oversample()
         self.num_input_channels = determine_num_input_channels(self.plans_manager, self.configuration_manager,
                                                                self.dataset_json)
-        self.network = self._build_training_network().to(self.device)
-        self._check_batch_size(self.network)
-        if self._do_i_compile():
-            regions = self.network.compile_regions()
-            self.compile_log = CompileLog(self.print_to_log_file)
-            self.print_to_log_file(f"torch.compile (inductor), one region at a time: {', '.join(regions)}")
+        self.network = self._training_network()
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
-        if self.is_ddp and self.device.type == "cuda":
-            self.network = DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network),
-                               device_ids=[self.device.index])
-        elif self.is_ddp:
-            self.network = DDP(self.network)  # SyncBatchNorm is CUDA-only: BatchNorm uses per-process batches
         self.loss = self._build_loss()
         self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         self.was_initialized = True
@@ -247,13 +131,34 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             "batch_size": self.configuration_manager.batch_size,
         }})
 
+    def _training_network(self) -> torch.nn.Module:
+        """The network as trained: the pretrained backbone (unless resuming), gradient checkpointing if set, compiled
+        one region at a time, and in DDP wrapped without SyncBatchNorm off CUDA (gloo on CPU) and, on CUDA, on this
+        process's device (the launcher's LOCAL_RANK), not the global rank."""
+        network = build_model(self.vit_config, self.num_input_channels, self.label_manager.num_segmentation_heads,
+                              load_weights=self.load_pretrained_backbone)
+        self._check_batch_size(network)
+        if self.vit_config.train.gradient_checkpointing:
+            network.set_grad_checkpointing(True)
+        network.to(self.device)
+        if self._do_i_compile():
+            regions = network.compile_regions()
+            self.compile_log = CompileLog(self.print_to_log_file)
+            self.print_to_log_file(f"torch.compile (inductor), one region at a time: {', '.join(regions)}")
+        if self.is_ddp and self.device.type == "cuda":
+            return DDP(torch.nn.SyncBatchNorm.convert_sync_batchnorm(network), device_ids=[self.device.index])
+        if self.is_ddp:
+            return DDP(network)  # SyncBatchNorm is CUDA-only: BatchNorm uses per-process batches
+        return network
+
     @property
     def world_size(self) -> int:
+        """The number of training processes (1 without DDP)."""
         return dist.get_world_size() if self.is_ddp else 1
 
     def _set_batch_size_and_oversample(self) -> None:
-        """The planned batch (nnUNetv2_plan_vit.py plans what one GPU holds; train.batch_size likewise) is per
-        process: N processes train with N times that batch. Upstream splits it across the processes instead, so a
+        """The planned batch is per process (nnUNetv2_plan_vit.py plans what one GPU holds; train.batch_size
+        likewise): N processes train with N times that batch. Upstream splits it across the processes instead, so a
         plan made for one GPU would fill each of N GPUs to 1/N. Each process samples foreground as one would."""
         self.batch_size = self.configuration_manager.batch_size
 
@@ -280,54 +185,28 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
     def _do_i_compile(self) -> bool:
-        """``auto``: upstream's rule (CUDA unless ``nnUNet_compile`` says no); ``true``: CUDA and CPU (inductor)."""
+        """``train.compile``: ``auto`` is upstream's rule (CUDA unless ``nnUNet_compile`` says no); ``true``: CUDA
+        and CPU (inductor)."""
         setting = self.vit_config.train.compile
         if setting == "auto":
             return super()._do_i_compile()
         return setting == "true" and self.device.type in ("cuda", "cpu")
 
-    @property
-    def fused_optimizer(self) -> bool:
-        """Fused AdamW/SGD: one kernel for all parameters, and a skipped step decided on the device."""
-        return self.device.type in ("cuda", "cpu")
-
     def configure_optimizers(self):
-        """AdamW or upstream's SGD over ``parameter_groups`` (frozen parameters get no state), and the schedule."""
+        """AdamW or upstream's SGD over this model's parameter groups, warm-up then upstream's poly decay."""
         train = self.vit_config.train
-        groups = parameter_groups(self.model, train)
-        params = [p for group in groups for p in group["params"]]
-        fused = self.fused_optimizer
-        if train.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, self.initial_lr, weight_decay=self.weight_decay,
-                                          betas=(0.9, 0.98), fused=fused)
-        else:
-            optimizer = torch.optim.SGD(groups, self.initial_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True, fused=fused)
-            # torch's fused SGD allocates its momentum buffers uninitialised (empty_like) in its first step and
-            # leaves them so if that step is skipped (found_inf): start them at zero, where a first step's
-            # momentum starts (dampening 0), so a skipped first step cannot leave garbage behind.
-            for param in params:
-                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        optimizer = build_optimizer(self.model, train, self.initial_lr, self.weight_decay,
+                                    fused=self.device.type in ("cuda", "cpu"))
         return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, train.warmup_epochs)
-
-    def _load_optimizer_state(self, state: dict, name: str) -> None:
-        """The checkpoint's optimizer state, its parameter groups (peak lr scales, weight decay) included."""
-        saved, built = [len(g["params"]) for g in state["param_groups"]], [len(g["params"]) for g in
-                                                                             self.optimizer.param_groups]
-        if saved != built:
-            raise ConfigError(
-                f"{name} was trained with other parameter groups (parameters per group {saved}, this config makes "
-                f"{built}): train.backbone_lr_scale, layer_decay or decay_norms_and_biases changed. Resume with the "
-                f"train section it started with.")
-        self.optimizer.load_state_dict(state)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         """ViT models have a single output; nothing to switch."""
 
     def on_train_start(self) -> None:
+        """Catches the stop signals, then upstream's start, then logs the batch, precision and parameters."""
         # Before upstream forks the augmentation workers: they inherit the handler, so a signal sent to every
         # process of the job (as SLURM does) leaves them running until the training has finished its step.
-        self._catch_stop_signals()
+        self.stop_signals.catch()
         super().on_train_start()
         self.print_to_log_file(f"{self.batch_description()} (learning rates are not scaled with the number of "
                                f"processes)")
@@ -343,6 +222,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                                    "not optimised); use train.precision bf16 or fp32 there.")
 
     def on_train_epoch_start(self) -> None:
+        """Upstream's, and the epoch's step counters and clock start."""
         super().on_train_epoch_start()
         self.epoch_train_start = time.perf_counter()
         self.steps_this_epoch = 0
@@ -358,37 +238,41 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return self.compile_log.first_call(phase, what, self.device)
 
     def train_step(self, batch: dict) -> dict:
-        """Upstream's step with the configured precision and clip value. A step whose loss or gradient is not
+        """Upstream's step with the configured precision and clip value, where a step whose loss or gradient is not
         finite changes nothing (weights, optimizer state, BatchNorm statistics), in every DDP process alike.
 
-        The step never waits for the device: whether to skip is decided on it (the fused optimizers take a
-        ``found_inf`` flag, as under GradScaler), the loss is returned as a device tensor and skipped steps are
-        counted there; ``on_train_epoch_end`` reads it all once per epoch.
+        The step never waits for the device. As upstream's fp16 step, it goes through a ``torch.amp.GradScaler``
+        (``unit_scaler``, held at scale 1, for the other precisions): ``unscale_`` flags non-finite gradients and
+        ``step`` hands the flag to the fused optimizer, which skips the update on the device. A non-finite loss is
+        made to give NaN gradients, so it is flagged too; DDP averages the gradients before the check, so every
+        process sees the same flag. A gradient norm that overflows float32 (finite gradients of 1e19) skips the step
+        too. BatchNorm statistics and the skip counts follow the gradient norm. The loss is returned as a device
+        tensor, and skipped steps are counted there; ``on_train_epoch_end`` reads it all once per epoch.
         """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
+        scaler = self.grad_scaler if self.grad_scaler is not None else self.unit_scaler
         self.optimizer.zero_grad(set_to_none=True)
         running_stats = self._running_stats()
         saved_stats = [buffer.clone() for buffer in running_stats]
         with self._first_call("training step"):
             with self._autocast():
                 loss = self.loss(self.network(data), target)
-            if self.grad_scaler is not None:
-                self.grad_scaler.scale(loss).backward()
-                self.grad_scaler.unscale_(self.optimizer)
-            else:
-                loss.backward()
+            loss_finite = torch.isfinite(loss.detach())
+            scaler.scale(loss * torch.where(loss_finite, 1.0, float("nan"))).backward()
+        if scaler is self.grad_scaler:  # fp16: clip the true gradients (fp16's cannot overflow a float32 norm)
+            scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.vit_config.train.gradient_clip)
-        loss_finite = torch.isfinite(loss.detach())
-        finite = (loss_finite & torch.isfinite(grad_norm)).to(torch.int32)
-        if self.is_ddp:  # gradients are already averaged; a loss may be non-finite in one process only
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        skip = finite == 0
+        skip = ~torch.isfinite(grad_norm)
+        if scaler is self.unit_scaler:
+            # Finite gradients whose norm overflows were scaled to zero by clipping: one NaN makes unscale_ flag them.
+            grad = next(param.grad for param in self.network.parameters() if param.grad is not None)
+            grad.mul_(torch.where(skip, float("nan"), 1.0))
+            scaler.unscale_(self.optimizer)
         for buffer, saved in zip(running_stats, saved_stats):  # a skipped batch must not change BatchNorm
             buffer.copy_(torch.where(skip, saved, buffer))
-        self._optimizer_step(skip)
-        if self.grad_scaler is not None:
-            self.grad_scaler.update()  # lowers the loss scale after an fp16 gradient overflow
+        scaler.step(self.optimizer)
+        scaler.update(None if scaler is self.grad_scaler else 1.0)  # fp16: lower the scale after an overflow
         # An fp16 overflow (finite loss, overflowing gradient) is GradScaler's business, not a non-finite step.
         overflow = skip & loss_finite if self.grad_scaler is not None else torch.zeros_like(skip)
         nonfinite = skip & ~overflow
@@ -396,20 +280,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.nonfinite_streak.add_(1).mul_(nonfinite)
         torch.maximum(self.longest_streak, self.nonfinite_streak, out=self.longest_streak)
         self.steps_this_epoch += 1
-        if self._stop_agreed():
+        if self.stop_signals.agreed():
             raise TrainingStopped()
         return {"loss": loss.detach()}
-
-    def _optimizer_step(self, skip: torch.Tensor) -> None:
-        """The optimizer's step, a no-op where ``skip`` (a device flag) is set."""
-        if self.fused_optimizer:
-            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip.float()
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.grad_scale, self.optimizer.found_inf
-        elif not skip.item():  # no fused kernel on this device: decide on the host
-            self.optimizer.step()
 
     def run_training(self) -> None:
         """Upstream's training, stopped cleanly by SIGTERM or SIGUSR1: after the step in progress every process
@@ -420,59 +293,19 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         except TrainingStopped:
             self._stop()
         finally:
-            self._restore_signal_handlers()
-        if self._stop_agreed(wait=True):
-            self.print_to_log_file(f"Stopped by {signal.Signals(self.stop_signal).name} after the training, before "
-                                   f"the final validation; --c runs it.", also_print_to_console=False)
-            raise TrainingStopped(f"Stopped by {signal.Signals(self.stop_signal).name} before the final validation; "
-                                  f"checkpoint_final.pth is written. Resume with --c to run the validation.")
-
-    def _catch_stop_signals(self) -> None:
-        """From now on SIGTERM and SIGUSR1 only note that the training should stop (see ``_stop_agreed``)."""
-        def note(signum: int, frame) -> None:
-            self.stop_signal = signum
-
-        for sig in STOP_SIGNALS:
-            self._previous_handlers[sig] = signal.signal(sig, note)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
-
-    def _stop_agreed(self, wait: bool = False) -> bool:
-        """Whether every process stops now: one process's signal stops them all at the same step.
-
-        In DDP the processes vote each step with an all-reduce (max) of one CPU integer over gloo, started without
-        waiting and read one step later: a step never waits for the device nor for the network, and a signal stops
-        the training one or two steps after it arrives. ``wait``: vote now and wait for the result."""
-        if not self.is_ddp:
-            return self.stop_signal != 0
-        agreed = self._vote_result()
-        if not agreed:
-            flag = torch.tensor([self.stop_signal], dtype=torch.int32)
-            self._pending_vote = (flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group(),
-                                                        async_op=True))
-            if wait:
-                agreed = self._vote_result()
-        if agreed:
-            self.stop_signal = agreed  # the signal one of the processes received
-        return bool(agreed)
-
-    def _vote_result(self) -> int:
-        """The largest signal number voted in the vote in flight (waiting for it), 0 for none."""
-        if self._pending_vote is None:
-            return 0
-        flag, work = self._pending_vote
-        self._pending_vote = None
-        work.wait()
-        return int(flag.numpy()[0])
+            self.stop_signals.restore()
+        if self.stop_signals.agreed(wait=True):
+            name = self.stop_signals.name
+            self.print_to_log_file(f"Stopped by {name} after the training, before the final validation; --c runs it.",
+                                   also_print_to_console=False)
+            raise TrainingStopped(f"Stopped by {name} before the final validation; checkpoint_final.pth is written. "
+                                  f"Resume with --c to run the validation.")
 
     def _stop(self) -> None:
         """After an agreed stop in a training step of epoch E: rank 0 writes ``checkpoint_latest.pth`` saying epoch E,
         with the weights of this step and the log of epochs before E, so ``--c`` runs epoch E again from its start;
         no process ends before that file is complete. The augmentation workers are ended as upstream ends them."""
-        name = signal.Signals(self.stop_signal).name
+        name = self.stop_signals.name
         epoch = self.current_epoch
         for values in self.logger.get_checkpoint().values():
             del values[epoch:]  # epoch E's lr and start time: logged again when E runs again
@@ -496,6 +329,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                               f"{epoch}.") from None
 
     def validation_step(self, batch: dict) -> dict:
+        """Upstream's, the first one logged as compiling."""
         with self._first_call("validation step"):
             return super().validation_step(batch)
 
@@ -506,8 +340,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 if buffer is not None]
 
     def on_train_epoch_end(self, train_outputs: List[dict]) -> None:
-        """Upstream's epoch loss, ignoring skipped (non-finite) steps; skipped steps logged; training stops after
-        ``max_nonfinite_steps`` non-finite steps in a row."""
+        """Upstream's epoch loss from the device losses (read once per epoch), ignoring skipped (non-finite) steps;
+        skipped steps logged; training stops after ``max_nonfinite_steps`` non-finite steps in a row."""
         losses = torch.stack([output["loss"].float() for output in train_outputs]).cpu().numpy()  # waits for the device
         self._log_throughput(len(train_outputs), time.perf_counter() - self.epoch_train_start)
         if self.is_ddp:
@@ -542,11 +376,13 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                                f"{steps * self.batch_size / seconds:.1f} img/s per process){memory}")
 
     def on_epoch_end(self) -> None:
+        """Reports what torch.compile did in this epoch, then upstream's."""
         if self.compile_log is not None:
             self.compile_log.report(f"in epoch {self.current_epoch}")
         super().on_epoch_end()
 
     def on_train_end(self) -> None:
+        """Upstream's, then closes the compile log."""
         super().on_train_end()
         if self.compile_log is not None:
             self.compile_log.close()
@@ -587,8 +423,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 os.remove(partial)  # what a failed write left (after the rename there is nothing to remove)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
-        """Upstream's checkpoint loading, for a path or an already loaded checkpoint (upstream's own
-        version fails on dicts), refusing checkpoints of a different model and naming unreadable files."""
+        """Upstream hook missing: upstream's reads the file itself with ``torch.load(weights_only=False)`` and fails
+        on an already read checkpoint (UnboundLocalError); these are its steps on a checkpoint read as data, refused
+        if it holds another model or other parameter groups."""
         if isinstance(filename_or_checkpoint, str):
             name = filename_or_checkpoint
             checkpoint = read_training_checkpoint(filename_or_checkpoint, trust=self.trust_checkpoint)
@@ -598,6 +435,13 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                            "the config")
         if not self.was_initialized:
             self.initialize()
+        saved = [len(group["params"]) for group in checkpoint["optimizer_state"]["param_groups"]]
+        built = [len(group["params"]) for group in self.optimizer.param_groups]
+        if saved != built:
+            raise ConfigError(
+                f"{name} was trained with other parameter groups (parameters per group {saved}, this config makes "
+                f"{built}): train.backbone_lr_scale, layer_decay or decay_norms_and_biases changed. Resume with the "
+                f"train section it started with.")
         self.model.load_state_dict(network_weights(checkpoint))
         self.my_init_kwargs = checkpoint["init_args"]
         self.current_epoch = checkpoint["current_epoch"]
@@ -605,6 +449,6 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self._best_ema = checkpoint["_best_ema"]
         self.inference_allowed_mirroring_axes = checkpoint.get(
             "inference_allowed_mirroring_axes", self.inference_allowed_mirroring_axes)
-        self._load_optimizer_state(checkpoint["optimizer_state"], name)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])  # its parameter groups' lr scales included
         if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
             self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
