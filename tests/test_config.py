@@ -164,7 +164,7 @@ def test_config_builds_the_model_it_describes():
     model = build_model(config, in_channels=1, num_classes=3, load_weights=False)
     assert model.num_classes == 3 and model.backbone_model_name == "vit_small_patch16_dinov3"
     assert model.vit.patch_embed.proj.in_channels == 1 and model.fusion_hidden_size == 32
-    assert model.decoder_config == config.model.decoder
+    assert model.decoder_config is config.model.decoder  # the typed object itself, not a copy rebuilt from a dict
     peft_config = model.backbone.peft_config["default"]
     assert (peft_config.r, peft_config.lora_alpha, peft_config.target_modules) == (4, 8, {"qkv"})
 

@@ -219,8 +219,9 @@ def test_factory_signature(module):
     params = inspect.signature(module.create_segmentation_model).parameters
     names = list(params)
     assert names[: len(FIXED_KEYWORDS)] == FIXED_KEYWORDS
-    # then the typed LoRA settings (the YAML's lora section), and the decoder's options
-    assert names[len(FIXED_KEYWORDS):] == ["lora"] + DECODER_KEYWORDS[module] + ["detail_path", "detail_channels"]
+    # then the typed LoRA settings and decoder options (the YAML's lora and model.decoder), and the decoder's options
+    assert names[len(FIXED_KEYWORDS):] == (["lora", "decoder"] + DECODER_KEYWORDS[module]
+                                           + ["detail_path", "detail_channels"])
     defaults = {name: params[name].default for name in FIXED_KEYWORDS[3:]}
     assert defaults == {
         "checkpoint_path": None, "freeze_backbone": False, "use_lora": False, "lora_rank": 8, "lora_alpha": 16.0,
@@ -231,6 +232,18 @@ def test_factory_signature(module):
         module.create_segmentation_model("dinov3", "small", num_classes=2, pretrained=False, not_an_option=1)
     with pytest.raises(TypeError, match="not both"):  # LoRA given twice: neither silently wins
         module.create_segmentation_model("dinov3", "small", 2, lora_rank=4, lora=LoraSettings(enabled=True))
+    config_class = module.create_segmentation_model.config_class
+    with pytest.raises(TypeError, match="not both"):  # the decoder given twice, likewise
+        module.create_segmentation_model("dinov3", "small", 2, decoder=config_class(), detail_path=True)
+    with pytest.raises(TypeError, match=f"must be a {config_class.__name__}"):  # another decoder's options
+        module.create_segmentation_model("dinov3", "small", 2, decoder=object())
+
+
+@pytest.mark.parametrize("module", list(DECODER_KEYWORDS), ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_factory_takes_the_typed_decoder_config_as_it_is(module):
+    config = module.create_segmentation_model.config_class(detail_path=True)
+    model = module.create_segmentation_model("dinov3", "small", 2, pretrained=False, decoder=config)
+    assert model.decoder_config is config and model.detail is not None
 
 
 def test_factory_accepts_positional_backbone_arguments():

@@ -220,7 +220,8 @@ def make_factory(model_cls: Type[ViTSegmentationModel]) -> Callable[..., ViTSegm
     their defaults live), then the decoder's options, the fields of ``model_cls.config_class``.
 
     LoRA comes either as ``lora``, the typed settings (as the YAML's ``lora`` section), or as the contract's five
-    ``use_lora``/``lora_*`` keywords, which are mapped onto the same settings here.
+    ``use_lora``/``lora_*`` keywords, which are mapped onto the same settings here. Likewise the decoder: either as
+    ``decoder``, its typed config (as the YAML's ``model.decoder`` reads), or as keywords.
     """
     config_class = model_cls.config_class
 
@@ -241,6 +242,7 @@ def make_factory(model_cls: Type[ViTSegmentationModel]) -> Callable[..., ViTSegm
         drop_path_rate: float = 0.0,
         *,
         lora: Optional[LoraSettings] = None,
+        decoder: Optional[DecoderConfig] = None,
         **decoder_options,
     ) -> ViTSegmentationModel:
         if lora is not None and (use_lora or lora_target_modules is not None or (lora_rank, lora_alpha, lora_dropout)
@@ -250,8 +252,14 @@ def make_factory(model_cls: Type[ViTSegmentationModel]) -> Callable[..., ViTSegm
             targets = {} if lora_target_modules is None else {"target_modules": list(lora_target_modules)}
             lora = LoraSettings(enabled=use_lora, r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 **targets)
+        if decoder is None:
+            decoder = config_class(**decoder_options)
+        elif decoder_options or not isinstance(decoder, config_class):
+            raise TypeError(f"give the decoder either as decoder={config_class.__name__}(...) or as keywords, not both"
+                            if decoder_options else
+                            f"decoder must be a {config_class.__name__}, got {type(decoder).__name__}")
         return model_cls(backbone_name, backbone_size, num_classes, checkpoint_path, freeze_backbone, lora,
-                         pretrained, in_channels, trust_checkpoint, drop_path_rate, config_class(**decoder_options))
+                         pretrained, in_channels, trust_checkpoint, drop_path_rate, decoder)
 
     # The signature lists the decoder's options by name (a decoder's own first, then the detail path's).
     shared = [f.name for f in dataclasses.fields(DecoderConfig)]

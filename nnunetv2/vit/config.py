@@ -313,7 +313,8 @@ def build_model(config: ViTConfig, in_channels: int, num_classes: int, load_weig
     that refuses its options) is one ConfigError line naming the keys to change."""
     model = config.model
     factory = import_model_module(model.model_path).create_segmentation_model
-    decoder = dataclasses.asdict(model.decoder) if dataclasses.is_dataclass(model.decoder) else model.decoder
+    # The typed decoder options go as they are; a module without typed options takes the mapping as keywords.
+    decoder = {"decoder": model.decoder} if isinstance(model.decoder, DecoderConfig) else model.decoder
     try:
         return factory(
             model.backbone, model.backbone_size, num_classes,
