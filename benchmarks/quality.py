@@ -3,7 +3,7 @@ decoder, with and without the detail path, all trained with one budget.
 
 A result of a ViT model means something only next to nnU-Net's own U-Net on the same data and
 budget, so this measures both in one run. For each family (``--families``: ``demo``, the fundus data
-of ``nnunetv2/vit/demo_data.py``; ``cracks`` and ``oct``, grey images of ``nnunetv2/vit/synthetic_data.py``;
+of ``nnunetv2/vit/demo_data.py``; ``cracks`` and ``oct``, grey images of ``benchmarks/synthetic_data.py``;
 24 training and 6 test images of 256x256 each) it writes the dataset, runs upstream's plan and
 preprocess, trains each row on fold 0 for the same epochs, iterations and batch size, predicts the
 test split with nnU-Net's predictor and prints a table per family: Dice of every class (mean and per
@@ -257,7 +257,7 @@ def write_dataset(family: str, raw: Path, size: int) -> Path:
         from nnunetv2.vit.demo_data import write_demo_dataset
 
         return write_demo_dataset(raw, dataset_id, name, num_train=24, num_test=6, size=size)
-    from nnunetv2.vit.synthetic_data import write_synthetic_dataset
+    from benchmarks.synthetic_data import write_synthetic_dataset
 
     return write_synthetic_dataset(raw, family, dataset_id, num_train=24, num_test=6, size=size)
 

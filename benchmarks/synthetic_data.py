@@ -33,7 +33,7 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 
-from nnunetv2.vit.demo_data import _blur121, _case_rng, _rasterise, _save_png, _smooth_field, dataset_folder_name
+from nnunetv2.vit.demo_data import blur121, case_rng, rasterise, save_png, smooth_field, dataset_folder_name
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ BOUNDARY_WIDTHS = (1, 2)
 def _crack_segments(rng: np.random.Generator, size: int) -> np.ndarray:
     """Crack centre lines as wandering random walks, some with a side branch.
 
-    Returns an (N, 7) array of segments as ``demo_data._rasterise`` takes them (x0, y0, x1, y1, w0, w1, kind),
+    Returns an (N, 7) array of segments as ``demo_data.rasterise`` takes them (x0, y0, x1, y1, w0, w1, kind),
     with ``kind`` the index of the crack (each crack gets its own contrast) and one width per crack, 1-3 px.
     """
     s = size / 256.0
@@ -97,8 +97,8 @@ def make_crack_case(rng: np.random.Generator, size: int = 256) -> Case:
     img = np.full((size, size), rng.uniform(0.35, 0.65))
     img += rng.uniform(0.03, 0.1) * (((xx - c) * rng.normal() + (yy - c) * rng.normal()) / size)
     for grid, amplitude in ((3, 0.08), (12, 0.05), (max(4, size // 6), 0.04)):
-        img += amplitude * rng.uniform(0.5, 1.0) * _smooth_field(rng, size, grid)
-    img += rng.uniform(0.03, 0.06) * _blur121(rng.normal(0.0, 1.0, size=(size, size)))
+        img += amplitude * rng.uniform(0.5, 1.0) * smooth_field(rng, size, grid)
+    img += rng.uniform(0.03, 0.06) * blur121(rng.normal(0.0, 1.0, size=(size, size)))
 
     label = np.zeros((size, size), dtype=np.uint8)
     for _ in range(int(rng.integers(2, 6))):
@@ -111,7 +111,7 @@ def make_crack_case(rng: np.random.Generator, size: int = 256) -> Case:
         ell = np.hypot(u / rx, v / ry)
         soft = np.clip((1.0 - ell) * ry / 1.5 + 0.5, 0.0, 1.0)
         sign = 1.0 if rng.random() < 0.5 else -1.0
-        inner = sign * rng.uniform(0.12, 0.3) * (1.0 + 0.3 * _smooth_field(rng, size, max(4, size // 16)))
+        inner = sign * rng.uniform(0.12, 0.3) * (1.0 + 0.3 * smooth_field(rng, size, max(4, size // 16)))
         img += soft * inner
         label[ell <= 1.0] = 2
 
@@ -121,8 +121,8 @@ def make_crack_case(rng: np.random.Generator, size: int = 256) -> Case:
     for kind in range(num):  # one crack at a time: each its own contrast
         one = segs[segs[:, 6] == kind].copy()
         one[:, 6] = 0
-        cov, crack = _rasterise(one, size)
-        img *= 1.0 - rng.uniform(0.2, 0.6) * _blur121(cov[0])
+        cov, crack = rasterise(one, size)
+        img *= 1.0 - rng.uniform(0.2, 0.6) * blur121(cov[0])
         mask |= crack
     label[mask] = 1
 
@@ -158,12 +158,12 @@ def make_oct_case(rng: np.random.Generator, size: int = 256) -> Case:
     s = size / 256.0
     x = np.arange(size, dtype=np.float64)
     top = size * rng.uniform(0.22, 0.35) + rng.uniform(-0.08, 0.08) * (x - size / 2.0)
-    top += 4.0 * s * _smooth_field(rng, size, 3)[size // 2]
+    top += 4.0 * s * smooth_field(rng, size, 3)[size // 2]
     pit_x, pit_w = size * rng.uniform(0.3, 0.7), size * rng.uniform(0.06, 0.1)
     pit = rng.uniform(0.6, 0.8) * np.exp(-0.5 * ((x - pit_x) / pit_w) ** 2)
     thickness = []
     for layer, mean in enumerate(_LAYER_THICKNESS):
-        local = mean * s * rng.uniform(0.85, 1.15) * (1.0 + 0.15 * _smooth_field(rng, size, 4)[layer * 7 % size])
+        local = mean * s * rng.uniform(0.85, 1.15) * (1.0 + 0.15 * smooth_field(rng, size, 4)[layer * 7 % size])
         thickness.append(np.maximum(local * (1.0 - pit) if layer < 5 else local, 2.5))
     # Built from the outer surface up: the outer layers stay level and the surface dips into a pit where the
     # inner layers thin.
@@ -185,7 +185,7 @@ def make_oct_case(rng: np.random.Generator, size: int = 256) -> Case:
     choroid = depth == len(bounds)
     fade = np.exp(-np.maximum(yy - bounds[-1][None, :], 0.0) / (rng.uniform(25.0, 45.0) * s))
     img[choroid] = (_CHOROID_BRIGHTNESS * fade)[choroid]
-    img *= 1.0 + 0.1 * _smooth_field(rng, size, 6)
+    img *= 1.0 + 0.1 * smooth_field(rng, size, 6)
 
     label = np.zeros((size, size), dtype=np.uint8)
     onl_top, onl_bottom = bounds[5], bounds[6]  # the outer nuclear layer: the thick dark one
@@ -201,7 +201,7 @@ def make_oct_case(rng: np.random.Generator, size: int = 256) -> Case:
 
     img = 0.25 * np.roll(img, 1, axis=0) + 0.5 * img + 0.25 * np.roll(img, -1, axis=0)
     speckle = rng.gamma(shape=4.0, scale=0.25, size=(size, size))
-    img = img * _blur121(speckle) + rng.normal(0.0, 0.02, size=(size, size))
+    img = img * blur121(speckle) + rng.normal(0.0, 0.02, size=(size, size))
 
     for b in bounds[1:8]:  # the seven boundaries between layers
         half = 0.5 * float(rng.integers(BOUNDARY_WIDTHS[0], BOUNDARY_WIDTHS[1] + 1))
@@ -295,12 +295,12 @@ def write_synthetic_dataset(raw_root: str | Path, family: str, dataset_id: int, 
             (tmp / img_dir).mkdir(parents=True)
             (tmp / lab_dir).mkdir(parents=True)
             for index, case in enumerate(names):
-                image, label = spec.make_case(_case_rng(seed, split, index), size)
-                _save_png(image, tmp / img_dir / f"{case}_0000.png")
-                _save_png(label, tmp / lab_dir / f"{case}.png")
+                image, label = spec.make_case(case_rng(seed, split, index), size)
+                save_png(image, tmp / img_dir / f"{case}_0000.png")
+                save_png(label, tmp / lab_dir / f"{case}.png")
         dataset_json = {"channel_names": {"0": "grey"}, "labels": dict(spec.labels), "numTraining": num_train,
                         "file_ending": ".png", "name": spec.dataset_name,
-                        "description": f"{spec.description}, generated by nnunetv2.vit.synthetic_data (synthetic, "
+                        "description": f"{spec.description}, generated by benchmarks/synthetic_data.py (synthetic, "
                                        f"not real data).",
                         "synthetic_generator": record}
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=4) + "\n")

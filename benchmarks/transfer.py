@@ -161,20 +161,20 @@ def seeded(seed: int) -> Iterator[None]:
 def make_target_case(rng: np.random.Generator, size: int) -> tuple:
     """A grey angiogram-like image (RGB, R = G = B) and its vessel label (1 = vessel): the demo's vessel trees
     1.6x wider, drawn bright on a dark, unevenly lit field of view, with a faint unlabelled bright disc."""
-    from nnunetv2.vit.demo_data import _blur121, _grow_vessels, _rasterise, _smooth_field, fundus_anatomy
+    from nnunetv2.vit.demo_data import blur121, grow_vessels, rasterise, smooth_field, fundus_anatomy
 
     c, yy, xx, fov_r, rr, fov, side, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, mac_sigma) = \
         fundus_anatomy(rng, size)
 
-    img = rng.uniform(0.12, 0.2) * (1.0 - rng.uniform(0.3, 0.5) * rr ** 2) + 0.08 * _smooth_field(rng, size, 12)
+    img = rng.uniform(0.12, 0.2) * (1.0 - rng.uniform(0.3, 0.5) * rr ** 2) + 0.08 * smooth_field(rng, size, 12)
     ell = np.hypot((xx - disc_x) / disc_rx, (yy - disc_y) / disc_ry)
     img += rng.uniform(0.15, 0.25) * np.clip(1.2 - ell, 0.0, 1.0)
-    segs = _grow_vessels(rng, size, c, fov_r, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, 0.7 * mac_sigma),
+    segs = grow_vessels(rng, size, c, fov_r, (disc_x, disc_y, disc_rx, disc_ry), (mac_x, mac_y, 0.7 * mac_sigma),
                          side)
     segs[:, 4:6] *= 1.6
-    cov, mask = _rasterise(segs, size)
-    vessels = _blur121(np.maximum(cov[0], cov[1]))
-    img += vessels * rng.uniform(0.2, 0.3) * (1.0 + 0.3 * _smooth_field(rng, size, 4))
+    cov, mask = rasterise(segs, size)
+    vessels = blur121(np.maximum(cov[0], cov[1]))
+    img += vessels * rng.uniform(0.2, 0.3) * (1.0 + 0.3 * smooth_field(rng, size, 4))
     img += rng.normal(0.0, 0.05, size=img.shape)
     grey = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
     grey[~fov] = 0

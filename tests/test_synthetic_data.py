@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from nnunetv2.vit.synthetic_data import FAMILIES, make_crack_case, make_oct_case, write_synthetic_dataset
+from benchmarks.synthetic_data import FAMILIES, make_crack_case, make_oct_case, write_synthetic_dataset
 
 SIZE = 128
 SEEDS = (0, 1, 2)

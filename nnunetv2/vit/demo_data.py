@@ -45,7 +45,7 @@ def _wrap(angle: float) -> float:
     return (angle + math.pi) % (2.0 * math.pi) - math.pi
 
 
-def _smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
     """Low-frequency noise in about [-1, 1]: a coarse random grid upsampled with smoothstep weights.
 
     Used for illumination changes and choroidal texture; cheap and fully vectorised.
@@ -59,14 +59,14 @@ def _smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
     return rows[:, i0] * (1.0 - f)[None, :] + rows[:, i0 + 1] * f[None, :]
 
 
-def _blur121(a: np.ndarray) -> np.ndarray:
+def blur121(a: np.ndarray) -> np.ndarray:
     """Separable [1, 2, 1] / 4 blur of a 2D array (edge-replicated): softens vessel edges slightly."""
     p = np.pad(a, 1, mode="edge")
     v = 0.25 * p[:-2] + 0.5 * p[1:-1] + 0.25 * p[2:]
     return 0.25 * v[:, :-2] + 0.5 * v[:, 1:-1] + 0.25 * v[:, 2:]
 
 
-def _grow_vessels(
+def grow_vessels(
     rng: np.random.Generator,
     size: int,
     fov_c: float,
@@ -82,7 +82,7 @@ def _grow_vessels(
     (noise + persistent curvature + pull towards a target heading), big vessels are steered around
     the macula, small ones stop at the foveal avascular zone, and branching splits width roughly
     following Murray's law (w_parent^3 = w_child1^3 + w_child2^3). Only the walk itself is a Python
-    loop (it is sequential); drawing is vectorised in ``_rasterise``.
+    loop (it is sequential); drawing is vectorised in ``rasterise``.
     """
     s = size / 256.0
     step = max(2.0 * s, 1.0)
@@ -155,7 +155,7 @@ def _grow_vessels(
     return np.asarray(segs, dtype=np.float64).reshape(-1, 7)
 
 
-def _rasterise(segs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def rasterise(segs: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Rasterise tapered segments: returns (coverage (2, size, size) float, crisp mask (size, size)).
 
     Every segment is evaluated in a fixed-size pixel window around it, all segments at once, and
@@ -235,9 +235,9 @@ def make_fundus_case(rng: np.random.Generator, size: int = 256) -> tuple[np.ndar
         bx, by = c + fov_r * rng.uniform(-0.7, 0.7, size=2)
         bs = fov_r * rng.uniform(0.25, 0.5)
         illum += rng.uniform(-0.12, 0.12) * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * bs * bs))
-    illum += 0.05 * _smooth_field(rng, size, 6)
+    illum += 0.05 * smooth_field(rng, size, 6)
     img = base[None, None, :] * illum[..., None]
-    tex = _smooth_field(rng, size, max(4, int(24 * s)))
+    tex = smooth_field(rng, size, max(4, int(24 * s)))
     img *= 1.0 + np.array([0.04, 0.07, 0.08])[None, None, :] * tex[..., None]
     plain = img.copy()  # vessels are coloured relative to this, also on top of the disc
 
@@ -252,16 +252,16 @@ def make_fundus_case(rng: np.random.Generator, size: int = 256) -> tuple[np.ndar
     img *= 1.0 + 0.12 * halo[..., None]
     disc_col = np.array([0.98, 0.78, 0.42]) * rng.uniform(0.9, 1.0)
     cup = np.clip((rng.uniform(0.3, 0.45) - ell) * disc_ry / (3.0 * s) + 0.5, 0.0, 1.0)
-    disc_col = disc_col[None, None, :] * (1.0 + 0.04 * _smooth_field(rng, size, 8)[..., None])
+    disc_col = disc_col[None, None, :] * (1.0 + 0.04 * smooth_field(rng, size, 8)[..., None])
     disc_col = disc_col + cup[..., None] * (np.array([1.0, 0.93, 0.72]) - disc_col) * 0.7
     img = img * (1.0 - soft[..., None]) + disc_col * soft[..., None]
 
     # vessels: veins darker than arteries; blended in with blurred anti-aliased coverage
-    segs = _grow_vessels(rng, size, c, fov_r, (disc_x, disc_y, disc_rx, disc_ry),
+    segs = grow_vessels(rng, size, c, fov_r, (disc_x, disc_y, disc_rx, disc_ry),
                          (mac_x, mac_y, 0.7 * mac_sigma), side)
-    cov, vmask = _rasterise(segs, size)
-    art = _blur121(cov[0])[..., None]
-    vein = _blur121(cov[1])[..., None]
+    cov, vmask = rasterise(segs, size)
+    art = blur121(cov[0])[..., None]
+    vein = blur121(cov[1])[..., None]
     img = img * (1.0 - art) + plain * np.array([0.72, 0.5, 0.6]) * art
     img = img * (1.0 - vein) + plain * np.array([0.56, 0.34, 0.42]) * vein
 
@@ -291,7 +291,7 @@ def dataset_folder_name(dataset_id: int, name: str) -> str:
     return f"Dataset{dataset_id:03d}_{name}"
 
 
-def _case_rng(seed: int, split: int, index: int) -> np.random.Generator:
+def case_rng(seed: int, split: int, index: int) -> np.random.Generator:
     """Independent generator per case, keyed by (seed, split, index): counts never shift content."""
     return np.random.default_rng(np.random.SeedSequence([seed, split, index]))
 
@@ -330,7 +330,7 @@ def _check_existing(raw_root: Path, dataset_id: int, target: Path, record: dict)
     raise FileExistsError(f"{target} already exists and {why}; pick another id or delete that folder")
 
 
-def _save_png(array: np.ndarray, path: Path) -> None:
+def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
 
 
@@ -374,9 +374,9 @@ def write_demo_dataset(
             (tmp / img_dir).mkdir(parents=True)
             (tmp / lab_dir).mkdir(parents=True)
             for index, case in enumerate(names):
-                image, label = make_fundus_case(_case_rng(seed, split, index), size)
-                _save_png(image, tmp / img_dir / f"{case}_0000.png")
-                _save_png(label, tmp / lab_dir / f"{case}.png")
+                image, label = make_fundus_case(case_rng(seed, split, index), size)
+                save_png(image, tmp / img_dir / f"{case}_0000.png")
+                save_png(label, tmp / lab_dir / f"{case}.png")
             logger.debug("generated %d %s cases", len(names), img_dir)
         dataset_json = {
             "channel_names": {"0": "R", "1": "G", "2": "B"},
