@@ -21,6 +21,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -296,42 +297,86 @@ def case_rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, split, index]))
 
 
-def _case_names(num_train: int, num_test: int) -> tuple[list[str], list[str]]:
-    return [f"fundus_{i:03d}" for i in range(num_train)], [f"fundus_test_{i:03d}" for i in range(num_test)]
+def _case_names(prefix: str, num_train: int, num_test: int) -> tuple[list[str], list[str]]:
+    return [f"{prefix}_{i:03d}" for i in range(num_train)], [f"{prefix}_test_{i:03d}" for i in range(num_test)]
 
 
-def _is_complete(folder: Path, num_train: int, num_test: int) -> bool:
-    """Cheap check that every expected file of a reused dataset is still there."""
-    train, test = _case_names(num_train, num_test)
-    for img_dir, lab_dir, names in (("imagesTr", "labelsTr", train), ("imagesTs", "labelsTs", test)):
-        for n in names:
-            if not (folder / img_dir / f"{n}_0000.png").is_file() or not (folder / lab_dir / f"{n}.png").is_file():
-                return False
-    return True
-
-
-def _check_existing(raw_root: Path, dataset_id: int, target: Path, record: dict) -> bool:
-    """True if ``target`` already holds exactly the requested demo dataset; raise if the id is taken."""
-    prefix = f"Dataset{dataset_id:03d}_"
-    for other in sorted(raw_root.glob(prefix + "*")):
+def _existing(raw_root: Path, dataset_id: int, target: Path, record_key: str, record: dict, prefix: str) -> bool:
+    """True if ``target`` already holds exactly the requested dataset (``dataset.json[record_key] == record``, every
+    file there); raise if the id is taken otherwise."""
+    for other in sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*")):
         if other != target:
-            raise FileExistsError(
-                f"{other} already uses dataset id {dataset_id}; pick another id or delete that folder"
-            )
+            raise FileExistsError(f"{other} already uses dataset id {dataset_id}; pick another id or delete that "
+                                  f"folder")
     if not target.exists():
         return False
     try:
-        existing = json.loads((target / "dataset.json").read_text()).get("demo_generator")
+        existing = json.loads((target / "dataset.json").read_text()).get(record_key)
     except (OSError, ValueError, AttributeError):
         existing = None
-    if existing == record and _is_complete(target, record["num_train"], record["num_test"]):
+    train, test = _case_names(prefix, record["num_train"], record["num_test"])
+    complete = all((target / images / f"{case}_0000.png").is_file() and (target / labels / f"{case}.png").is_file()
+                   for images, labels, cases in (("imagesTr", "labelsTr", train), ("imagesTs", "labelsTs", test))
+                   for case in cases)
+    if existing == record and complete:
         return True
-    why = "is incomplete" if existing == record else "is not this demo dataset (other data or parameters)"
+    why = "is incomplete" if existing == record else "is not this dataset (other data or parameters)"
     raise FileExistsError(f"{target} already exists and {why}; pick another id or delete that folder")
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG")
+
+
+def write_generated_dataset(raw_root: str | Path, dataset_id: int, name: str,
+                            make_case: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
+                            channel_names: dict, labels: dict, description: str, record_key: str, record: dict,
+                            case_prefix: str) -> Path:
+    """Write generated cases as the nnU-Net raw dataset ``raw_root/DatasetXXX_<name>`` and return that folder; the
+    demo's and the benchmarks' dataset families share it.
+
+    ``record`` (with ``num_train``, ``num_test``, ``size`` and ``seed``) says what was generated; it is stored as
+    ``dataset.json[record_key]``. Case ``i`` of split ``s`` is
+    ``make_case(case_rng(seed, s, i), size)``, so the output is byte-identical for the same record. The folder is
+    assembled in a hidden temporary sibling and renamed into place: an interrupted run never leaves a half-written
+    dataset. A folder that already holds the same record is reused untouched; any other folder using this id raises
+    ``FileExistsError``.
+    """
+    folder_name = dataset_folder_name(dataset_id, name)
+    num_train, num_test, size, seed = (record[key] for key in ("num_train", "num_test", "size", "seed"))
+    if num_train < 1 or num_test < 0:
+        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
+    raw_root = Path(raw_root)
+    target = raw_root / folder_name
+    if _existing(raw_root, dataset_id, target, record_key, record, case_prefix):
+        logger.info("Reusing existing dataset %s", target)
+        return target
+    raw_root.mkdir(parents=True, exist_ok=True)
+    tmp = raw_root / f".tmp_{folder_name}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        train, test = _case_names(case_prefix, num_train, num_test)
+        for split, (image_dir, label_dir, cases) in enumerate((("imagesTr", "labelsTr", train),
+                                                               ("imagesTs", "labelsTs", test))):
+            (tmp / image_dir).mkdir(parents=True)
+            (tmp / label_dir).mkdir(parents=True)
+            for index, case in enumerate(cases):
+                image, label = make_case(case_rng(seed, split, index), size)
+                save_png(image, tmp / image_dir / f"{case}_0000.png")
+                save_png(label, tmp / label_dir / f"{case}.png")
+        content = {"channel_names": channel_names, "labels": labels, "numTraining": num_train, "file_ending": ".png",
+                   "name": name, "description": description, record_key: record}
+        (tmp / "dataset.json").write_text(json.dumps(content, indent=4) + "\n")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished the same dataset first: reuse it if identical, else raise
+            if _existing(raw_root, dataset_id, target, record_key, record, case_prefix):
+                return target
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("Wrote %d training and %d test cases (%dx%d) to %s", num_train, num_test, size, size, target)
+    return target
 
 
 def write_demo_dataset(
@@ -347,58 +392,12 @@ def write_demo_dataset(
 
     Layout follows nnU-Net v2 raw format for natural images: ``imagesTr/<case>_0000.png`` (one RGB
     PNG whose three channels nnU-Net's NaturalImage2DIO reads as R, G, B), ``labelsTr/<case>.png``
-    (grey uint8), the same under ``imagesTs``/``labelsTs``, and ``dataset.json``. Output is
-    byte-identical for the same parameters. The folder is assembled in a hidden temporary sibling
-    and renamed into place, so an interrupted run never leaves a half-written dataset. If the
-    folder already holds the same demo (same ``demo_generator`` record) it is reused untouched;
-    any other folder using this id raises ``FileExistsError``.
+    (grey uint8), the same under ``imagesTs``/``labelsTs``, and ``dataset.json``; written, reused or
+    refused as ``write_generated_dataset`` says.
     """
-    folder_name = dataset_folder_name(dataset_id, name)
-    if num_train < 1 or num_test < 0:
-        raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
-    raw_root = Path(raw_root)
-    target = raw_root / folder_name
     record = {"version": GENERATOR_VERSION, "seed": int(seed), "size": int(size),
               "num_train": int(num_train), "num_test": int(num_test)}
-    if _check_existing(raw_root, dataset_id, target, record):
-        logger.info("Reusing existing demo dataset %s", target)
-        return target
-
-    raw_root.mkdir(parents=True, exist_ok=True)
-    tmp = raw_root / f".tmp_{folder_name}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    try:
-        train, test = _case_names(num_train, num_test)
-        for split, (img_dir, lab_dir, names) in enumerate(
-            (("imagesTr", "labelsTr", train), ("imagesTs", "labelsTs", test))
-        ):
-            (tmp / img_dir).mkdir(parents=True)
-            (tmp / lab_dir).mkdir(parents=True)
-            for index, case in enumerate(names):
-                image, label = make_fundus_case(case_rng(seed, split, index), size)
-                save_png(image, tmp / img_dir / f"{case}_0000.png")
-                save_png(label, tmp / lab_dir / f"{case}.png")
-            logger.debug("generated %d %s cases", len(names), img_dir)
-        dataset_json = {
-            "channel_names": {"0": "R", "1": "G", "2": "B"},
-            "labels": dict(LABELS),
-            "numTraining": num_train,
-            "file_ending": ".png",
-            "name": name,
-            "description": "Synthetic colour-fundus photographs with vessel and optic-disc labels, "
-            "generated by nnunetv2.vit.demo_data for demos and tests (not real patient data).",
-            "demo_generator": record,
-        }
-        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=4) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # another process finished the same dataset first: reuse it if identical, else raise
-            if _check_existing(raw_root, dataset_id, target, record):
-                logger.info("Reusing demo dataset %s written concurrently", target)
-                return target
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("Wrote %d training and %d test cases (%dx%d) to %s", num_train, num_test, size, size, target)
-    return target
+    return write_generated_dataset(
+        raw_root, dataset_id, name, make_fundus_case, {"0": "R", "1": "G", "2": "B"}, dict(LABELS),
+        "Synthetic colour-fundus photographs with vessel and optic-disc labels, generated by nnunetv2.vit.demo_data "
+        "for demos and tests (not real patient data).", "demo_generator", record, "fundus")
