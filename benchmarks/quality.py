@@ -4,7 +4,7 @@ decoder, with and without the detail path, all trained with one budget.
 A result of a ViT model means something only next to nnU-Net's own U-Net on the same data and
 budget, so this measures both in one run. For each family (``--families``: ``demo``, the fundus data
 of ``nnunetv2/vit/demo_data.py``; ``cracks`` and ``oct``, grey images of ``benchmarks/synthetic_data.py``;
-24 training and 6 test images of 256x256 each) it writes the dataset, runs upstream's plan and
+24 training and 6 test images of 192x192 each, ``--size``) it writes the dataset, runs upstream's plan and
 preprocess, trains each row on fold 0 for the same epochs, iterations and batch size, predicts the
 test split with nnU-Net's predictor and prints a table per family: Dice of every class (mean and per
 case), parameters and training time. A panel per family (image, ground truth and every row's
@@ -46,6 +46,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Each family's nnU-Net dataset (id, name); the demo's is the one the demo itself uses.
 FAMILY_DATASETS: Dict[str, Tuple[int, str]] = {"demo": (999, "DemoFundus"), "cracks": (998, "SynthCracks"),
                                                "oct": (997, "SynthOCT")}
+# 192x192: --families all (15 rows) fits 40 minutes on 2 CPU cores; at 256x256 (--size 256) it took about an hour.
+DEFAULT_SIZE = 192
 DEMO_CONFIG = REPO_ROOT / "nnunetv2" / "configs" / "dpt_demo.yaml"
 # The demo's budget: 10 epochs of 20 iterations (4 validation iterations), the plans' batch size.
 BUDGET = {"num_epochs": 10, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 4}
@@ -182,8 +184,10 @@ def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out
     predictor = predictor_from_trained_model(fold_folder.parent, folds=(0,), device=torch.device(device),
                                              trainer_class=trainer_class)
     row.params = sum(p.numel() for p in predictor.network.parameters())
-    predictor.predict_from_files(str(dataset / "imagesTs"), str(out), save_probabilities=False, overwrite=True,
-                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    # In this process: six small test images do not repay starting worker processes (each imports torch).
+    out.mkdir(parents=True, exist_ok=True)
+    predictor.predict_from_files_sequential(str(dataset / "imagesTs"), str(out), save_probabilities=False,
+                                            overwrite=True)
     for label_file in sorted((dataset / "labelsTs").glob("*.png")):
         reference = np.asarray(Image.open(label_file))
         prediction = np.asarray(Image.open(out / label_file.name))
@@ -271,9 +275,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help=f"rows to run (default: {' '.join(DEFAULT_ROWS)} on the demo alone, else "
                              f"{' '.join(DETAIL_ROWS)}); name=config.yaml adds a config")
     parser.add_argument("--quick", action="store_true", help=f"a look: only the rows {' '.join(QUICK_ROWS)}")
-    parser.add_argument("--size", type=int, default=256,
-                        help="image size of every family (default 256; smaller for a cheaper look: the U-Net row "
-                             "changes with it, so compare rows of one size only; a workdir holds one size)")
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                        help=f"image size of every family (default {DEFAULT_SIZE}; the U-Net's plan changes with it, "
+                             f"so compare rows of one size only; a workdir holds one size)")
     parser.add_argument("--workdir", default=str(REPO_ROOT / "benchmarks" / "results" / "quality"),
                         help="data, preprocessing and results go here (reused between runs)")
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
