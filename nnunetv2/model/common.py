@@ -254,10 +254,10 @@ def make_factory(model_cls: Type[ViTSegmentationModel]) -> Callable[..., ViTSegm
                                 **targets)
         if decoder is None:
             decoder = config_class(**decoder_options)
-        elif decoder_options or not isinstance(decoder, config_class):
-            raise TypeError(f"give the decoder either as decoder={config_class.__name__}(...) or as keywords, not both"
-                            if decoder_options else
-                            f"decoder must be a {config_class.__name__}, got {type(decoder).__name__}")
+        elif decoder_options:
+            raise TypeError(f"give the decoder either as decoder={config_class.__name__}(...) or as keywords, not both")
+        elif not isinstance(decoder, config_class):
+            raise TypeError(f"decoder must be a {config_class.__name__}, got {type(decoder).__name__}")
         return model_cls(backbone_name, backbone_size, num_classes, checkpoint_path, freeze_backbone, lora,
                          pretrained, in_channels, trust_checkpoint, drop_path_rate, decoder)
 
