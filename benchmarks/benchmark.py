@@ -51,6 +51,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 
 # name -> (model module, decoder kwargs from the backbone's embedding width E). "<name>_detail" rows add the
 # high-resolution detail path; "dpt_demo" is the demo's small DPT (nnunetv2/configs/dpt_demo.yaml's decoder).
@@ -63,8 +64,12 @@ VIT_MODELS: Dict[str, Tuple[str, Callable[[int], dict]]] = {
     "primus": ("model_primus", lambda e: {}),
     "primus_ms": ("model_primus", lambda e: {"multi_scale": True}),
 }
-VIT_MODELS.update({f"{name}_detail": (module, lambda e, kwargs=kwargs: {**kwargs(e), "detail_path": True})
-                   for name, (module, kwargs) in list(VIT_MODELS.items()) if name not in ("dpt_light", "primus_ms")})
+# The detail path at the library's widths; the demo's DPT at the demo config's.
+DEMO_DECODER = yaml.safe_load((REPO_ROOT / "nnunetv2" / "configs" / "dpt_demo.yaml").read_text())["model"]["decoder"]
+DETAIL_OPTIONS = {"dpt_demo": {"detail_channels": DEMO_DECODER["detail_channels"]}}
+VIT_MODELS.update({f"{name}_detail": (module, lambda e, kwargs=kwargs, name=name: {
+    **kwargs(e), "detail_path": True, **DETAIL_OPTIONS.get(name, {})})
+    for name, (module, kwargs) in list(VIT_MODELS.items()) if name not in ("dpt_light", "primus_ms")})
 MODELS = ("hf_dpt", *VIT_MODELS, "unet")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

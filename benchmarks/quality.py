@@ -13,7 +13,7 @@ prediction for each test case) is written next to the JSON.
 - ``unet``: upstream's ``nnUNetTrainer`` and network untouched; only the epochs and iterations are set.
 - ``dpt``, ``upernet``, ``segformer``, ``primus``: ViT-S/16 DINOv3 (random init: no model hub) with the
   demo's training settings (``nnunetv2/configs/dpt_demo.yaml``) and small decoders; ``<name>_detail``
-  adds the detail path (``model.decoder.detail_path: true``).
+  adds the detail path as the demo config has it (``model.decoder.detail_path: true``, its ``detail_channels``).
 - ``name=path/to/config.yaml``: any other config, trained with the same budget.
 
     .venv/bin/python benchmarks/quality.py                    # the demo, every row
@@ -87,11 +87,12 @@ def row_config(name: str, workdir: Path) -> Path:
     decoder_name, _, suffix = name.partition("_")
     if decoder_name not in DECODERS or suffix not in ("", "detail"):
         raise SystemExit(f"Unknown row '{name}'. Built-in rows: {', '.join(DEFAULT_ROWS)}; or name=config.yaml.")
+    detail = {key: value for key, value in (config["model"].get("decoder") or {}).items() if key.startswith("detail_")}
     if decoder_name != "dpt":
         config["model"].update(SMALL_DECODERS[decoder_name])
     decoder = config["model"]["decoder"] = dict(config["model"].get("decoder") or {})
-    if suffix == "detail":
-        decoder["detail_path"] = True
+    if suffix == "detail":  # every decoder's detail path as the demo config has it
+        decoder.update({**detail, "detail_path": True})
     else:
         decoder.pop("detail_path", None)
         decoder.pop("detail_channels", None)

@@ -44,9 +44,11 @@ def test_detail_rows_use_the_demo_config_with_the_detail_path(tmp_path):
     config = yaml.safe_load(quality.row_config("upernet_detail", tmp_path).read_text())
     assert config["model"]["model_path"] == "nnunetv2.model.model_upernet"
     assert config["model"]["decoder"]["detail_path"] is True
+    demo = yaml.safe_load(quality.DEMO_CONFIG.read_text())["model"]["decoder"]
+    assert config["model"]["decoder"]["detail_channels"] == demo["detail_channels"]
     assert config["train"]["num_epochs"] == quality.BUDGET["num_epochs"]
     plain = yaml.safe_load(quality.row_config("dpt", tmp_path).read_text())
-    assert "detail_path" not in plain["model"]["decoder"]
+    assert "detail_path" not in plain["model"]["decoder"] and "detail_channels" not in plain["model"]["decoder"]
 
 
 def test_quick_and_rows_together_are_refused(capsys):
