@@ -1,4 +1,4 @@
-"""Pieces shared by the commands: dataset lookup, device choice, error exit, worker lifetime (``lifetime``)."""
+"""Pieces shared by the commands: dataset lookup, device choice, error exit."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ from typing import Callable
 import torch
 
 from nnunetv2.vit.errors import USER_ERRORS, ConfigError
-# What the training command uses of the worker lifetime module (which every spawned worker imports).
-from nnunetv2.vit.lifetime import die_with_parent as die_with_parent
-from nnunetv2.vit.lifetime import end_forked_workers_with_this_process as end_forked_workers_with_this_process
 
 def dataset_name(dataset_name_or_id: str) -> str:
     """Upstream's dataset id/name lookup, with its failure as a user error."""

@@ -46,7 +46,7 @@ def end_with_the_process_that_spawned_this() -> None:
     if os.getppid() == int(parent):
         _set_parent_death_signal(parent=int(parent))
         end_workers_with_this_process()
-    elif not _alive(int(parent)):  # the command died before this process got here
+    elif not process_alive(int(parent)):  # the command died before this process got here
         os._exit(1)
     # else: started by something the command started (a shell, ...), which decides how long it lives
 
@@ -86,7 +86,8 @@ def _set_parent_death_signal(parent: Optional[int] = None) -> None:
         os._exit(1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

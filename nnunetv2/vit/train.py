@@ -2,7 +2,8 @@
 
 Everything is checked before heavy work starts (dataset, plans, configuration, YAML), the
 resolved config is put into the plans the trainer receives, and then upstream's training,
-checkpoint loading and validation run as usual.
+checkpoint loading and validation run as usual. Under torchrun or with ``-num_gpus`` (``launch.py`` starts the
+processes), global rank 0 does the checks and every process trains.
 """
 
 from __future__ import annotations
@@ -10,15 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import json
-import logging
 import os
-import signal
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -26,33 +23,27 @@ import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunetv2.vit.cli import (
-    USER_ERROR_EXIT_CODE, dataset_name, die_with_parent, end_forked_workers_with_this_process,
-    get_device, run_main,
-)
+from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, dataset_name, get_device, run_main
 from nnunetv2.vit.config import ViTConfig, load_config
 from nnunetv2.vit.errors import (
     USER_ERRORS, CheckpointReadError, ConfigError, OutOfMemoryError, TrainingStopped, out_of_memory,
 )
+from nnunetv2.vit.launch import (
+    PEERS_LOST_EXIT_CODE, STOPPED_EXIT_CODE, first_to_report, init_distributed, launch_processes, lost_peers,
+    torchrun_started,
+)
+from nnunetv2.vit.lifetime import die_with_parent, end_forked_workers_with_this_process, process_alive
 from nnunetv2.vit.plan import (
     PROG as PLAN_PROG, PARENT, PLAN_KEY, add_2d_configuration, default_configuration_name, resolve_normalization,
 )
+from nnunetv2.vit.preemption import control_group
 from nnunetv2.vit.trained_model import (
     add_vit_config, load_pretrained_network, read_training_checkpoint, require_same_model, stored_config,
 )
-from nnunetv2.vit.preemption import STOP_SIGNALS, control_group
 from nnunetv2.vit.trainer import nnUNetTrainer_vit
 from nnunetv2.vit.upstream_adapter import find_trainer_class
 
 PROG = "nnUNetv2_train_vit.py"
-# Exit codes besides 0 (done) and 2 (a user error, one line): SIGTERM/SIGUSR1 stopped the training with its checkpoint
-# written (EX_TEMPFAIL: run again with --c); a process lost the others of its training (one died or hangs).
-STOPPED_EXIT_CODE = 75
-PEERS_LOST_EXIT_CODE = 3
-# torchrun's environment for each process it starts (c10d and static rendezvous alike).
-TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# How long a collective (or a barrier while rank 0 unpacks data or writes a checkpoint) may wait for the others.
-DDP_TIMEOUT_VARIABLE, DDP_TIMEOUT_DEFAULT_S = "nnUNet_ddp_timeout", 600
 CHECKPOINT_PREFERENCE = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 LOCK_NAME = ".training.lock"
 
@@ -226,8 +217,9 @@ def fold_lock(fold_folder: Path, run_id: Optional[str] = None) -> Iterator[None]
             break
         except FileExistsError:
             holder = _read_lock(lock)
-            if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-                print(f"Taking over {lock}: the training that left it (PID {holder.get('pid')}) is gone.")
+            pid = holder.get("pid")
+            if holder.get("host") == me["host"] and not (isinstance(pid, int) and process_alive(pid)):
+                print(f"Taking over {lock}: the training that left it (PID {pid}) is gone.")
                 lock.unlink(missing_ok=True)
                 continue
             if run_id and holder.get("run_id") == run_id:
@@ -252,18 +244,6 @@ def _read_lock(lock: Path) -> dict:
         return json.loads(lock.read_text())
     except (OSError, ValueError):  # vanished meanwhile, or half-written by a process killed while writing it
         return {}
-
-
-def _alive(pid: Optional[int]) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def train_one_process(args: argparse.Namespace, plans: dict, dataset_json: dict, device: torch.device,
@@ -386,56 +366,6 @@ def run(args: argparse.Namespace) -> None:
                           f"Continuing from {found[0]}" if found else "")
 
 
-def torchrun_started() -> bool:
-    """Whether torchrun (or -num_gpus, through torchrun's launcher) started this process: RANK and WORLD_SIZE
-    are set, as upstream's unmerged cross-node branch reads them."""
-    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
-        return False
-    missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
-    if missing:
-        raise ConfigError(f"RANK/WORLD_SIZE are set but not {', '.join(missing)}: start several processes with "
-                          f"torchrun (see README, 'Training on several machines'), or unset RANK and WORLD_SIZE.")
-    return True
-
-
-def ddp_timeout() -> datetime.timedelta:
-    value = os.environ.get(DDP_TIMEOUT_VARIABLE, str(DDP_TIMEOUT_DEFAULT_S))
-    if not value.isdigit() or int(value) < 1:
-        raise ConfigError(f"{DDP_TIMEOUT_VARIABLE} must be a number of seconds, got '{value}'.")
-    return datetime.timedelta(seconds=int(value))
-
-
-def init_distributed(args: argparse.Namespace) -> torch.device:
-    """Join the process group torchrun set up: NCCL on the GPU LOCAL_RANK of this node, or gloo on the CPU."""
-    if args.num_gpus > 1:
-        raise ConfigError("-num_gpus starts processes on one machine; under torchrun leave it out "
-                          "(torchrun's --nproc_per_node sets the processes per machine).")
-    device = get_device(args.device)
-    local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
-    if device.type == "mps":
-        raise ConfigError("Several processes (DDP) run on CUDA GPUs (NCCL) or on the CPU (gloo), not on mps.")
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"Process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} are "
-                              f"visible (CUDA_VISIBLE_DEVICES). Start at most that many processes per machine.")
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:  # the cores this process may use (SLURM's --cpus-per-task, taskset), shared by this machine's processes
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
-    # torchrun's store outlives its restarts (--max-restarts) with the keys of the start before: with env:// the
-    # restarted processes' gloo/NCCL handshake read those and hung. Every process of every start counts itself in,
-    # so the n-th WORLD_SIZE arrivals are start n, whose keys get a prefix of their own. (TORCHELASTIC_RESTART_COUNT
-    # cannot tell starts apart: torchrun does not count a restart caused by another machine's processes.)
-    timeout, world_size = ddp_timeout(), int(os.environ["WORLD_SIZE"])
-    hosts_store = os.environ["RANK"] == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=hosts_store,
-                          timeout=timeout)
-    start = (store.add("nnunet_vit/arrivals", 1) - 1) // world_size
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(
-        f"nnunet_vit/start_{start}", store), rank=int(os.environ["RANK"]), world_size=world_size, timeout=timeout)
-    return device
-
-
 def run_distributed(args: argparse.Namespace, device: torch.device) -> None:
     """One of the processes torchrun started. Global rank 0 checks the inputs, takes the fold lock and picks the
     checkpoint to resume from; every process then trains with them. Processes that torchrun restarted
@@ -473,23 +403,6 @@ def run_distributed(args: argparse.Namespace, device: torch.device) -> None:
                           f"{note}continuing from {resume}" if note else f"Continuing from {resume}" if resume else "")
 
 
-def first_to_report() -> bool:
-    """Whether this process is the first of its torchrun job to report an error: the others stay quiet, so a
-    mistake every process makes reads as one line. Asked of torchrun's key-value store; if that is gone, report."""
-    try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=10))
-        key = f"nnunet_vit/first_error/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        return store.compare_set(key, "", os.environ["RANK"]) == os.environ["RANK"].encode()
-    except (RuntimeError, ValueError, KeyError):
-        return True
-
-
-def lost_peers(err: BaseException) -> bool:
-    """A collective failed because another process died or hangs (gloo's connection errors, NCCL's timeouts)."""
-    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "gloo" in str(err))
-
-
 def run_launched(args: argparse.Namespace) -> None:
     """A process started by torchrun: init, train, and end with one line and a documented exit code."""
     rank = os.environ["RANK"]
@@ -523,46 +436,13 @@ def _launched_worker(args: argparse.Namespace) -> None:
     run_main(PROG, lambda: main_in_process(args))
 
 
-def launch_processes(args: argparse.Namespace) -> None:
-    """-num_gpus N: N processes on this machine, started as ``torchrun --standalone --nproc_per_node N`` starts
-    them (torch.distributed's launcher), so they run exactly as under torchrun. SIGTERM and SIGUSR1 reach them;
-    this process ends with the exit code of the first that failed."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    check_arguments(args)
-    device = get_device(args.device)
-    if device.type == "mps":
-        raise ConfigError("-num_gpus > 1 (DDP) runs on CUDA GPUs (NCCL) or on the CPU (gloo), not on mps.")
-    if device.type == "cuda" and torch.cuda.device_count() < args.num_gpus:
-        raise ConfigError(f"-num_gpus {args.num_gpus} asks for more GPUs than the {torch.cuda.device_count()} "
-                          f"visible (CUDA_VISIBLE_DEVICES).")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.num_gpus, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
-                          start_method="spawn", signals_to_handle=",".join(
-                              sig.name for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
-                                                   *STOP_SIGNALS[1:])))
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # the processes say what happened
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    try:
-        elastic_launch(config, _launched_worker)(argparse.Namespace(**{**vars(args), "num_gpus": 1}))
-    except SignalException:
-        sys.exit(STOPPED_EXIT_CODE)
-    except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
-        if failure.exitcode not in (USER_ERROR_EXIT_CODE, STOPPED_EXIT_CODE, PEERS_LOST_EXIT_CODE):
-            what = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            print(f"{PROG}: error: process {rank} ended with {what} (its output above says why).", file=sys.stderr)
-        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
-
-
 def main_in_process(args: argparse.Namespace) -> None:
     """Train in this process, in the processes torchrun started (this is one), or start -num_gpus processes."""
     if torchrun_started():
         run_launched(args)
     elif args.num_gpus > 1:
-        launch_processes(args)
+        check_arguments(args)
+        launch_processes(args, _launched_worker, PROG)
     else:
         try:
             run(args)
