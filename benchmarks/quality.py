@@ -8,7 +8,7 @@ of ``nnunetv2/vit/demo_data.py``; ``cracks`` and ``oct``, grey images of ``bench
 preprocess, trains each row on fold 0 for the same epochs, iterations and batch size, predicts the
 test split with nnU-Net's predictor and prints a table per family: Dice of every class (mean and per
 case), parameters and training time. A panel per family (image, ground truth and every row's
-prediction for each test case) is written next to the JSON.
+prediction for each test case) is written next to the JSON after the family's last row.
 
 - ``unet``: upstream's ``nnUNetTrainer`` and network untouched; only the epochs and iterations are set.
 - ``dpt``, ``upernet``, ``segformer``, ``primus``: ViT-S/16 DINOv3 (random init: no model hub) with the
@@ -343,8 +343,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.markdown:
                 Path(args.markdown).write_text("\n\n".join([*tables, f"### {family}\n\n{table(rows, list(labels))}"])
                                                + "\n")
-            if not row.error:
-                write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)
+        if any(not row.error for row in rows):  # once per family: drawing every row's predictions takes seconds
+            write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)
         tables.append(f"### {family}\n\n{table(rows, list(labels))}\n\n{against_unet(rows, list(labels))}".rstrip())
         print("\n" + tables[-1], flush=True)
     print("\n" + "\n\n".join(tables))
