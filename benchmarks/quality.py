@@ -196,6 +196,30 @@ def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out
             row.dice.setdefault(name, {})[label_file.stem] = dice(reference, prediction, value)
 
 
+def train_and_score(name: str, config: Optional[Path], dataset: Path, predictions: Path, device: str,
+                    labels: Dict[str, int]) -> Row:
+    """One row: train (the U-Net if ``config`` is None), predict the test split, score it. A row that fails (a bad
+    config, out of memory) keeps its error and the run goes on; a stop signal (SIGTERM, SIGUSR1) ends the run."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunetv2.vit.errors import TrainingStopped
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+    row = Row(name, "upstream nnUNetTrainer" if config is None else str(config))
+    started = time.monotonic()
+    try:
+        fold_folder = (train_unet(dataset.name, device) if config is None else
+                       train_vit(name, config, dataset.name, device))
+        row.train_s = time.monotonic() - started
+        predict_and_score(nnUNetTrainer if config is None else nnUNetTrainer_vit, fold_folder, dataset, predictions,
+                          device, row, labels)
+    except TrainingStopped as stop:
+        raise SystemExit(f"quality.py: stopped in row {name} ({stop}); the rows before it are kept.") from None
+    except Exception as err:  # one failing row must not lose the others
+        row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return row
+
+
 def foreground(labels: Dict[str, int]) -> Dict[str, int]:
     """The classes Dice is reported for: every label but the background."""
     return {name: value for name, value in labels.items() if value != 0}
@@ -294,12 +318,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     run_dir = nnunet_folders(workdir)
 
     import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.experiment_planning.plan_and_preprocess_api import preprocess
-    from nnunetv2.vit.demo import plan
-    from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
     from nnunetv2.vit.cli import get_device
+    from nnunetv2.vit.demo import plan
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     get_device(device)  # threads as nnUNetv2_train sets them, for every row alike
@@ -321,17 +343,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         labels = foreground(json.loads((dataset / "dataset.json").read_text())["labels"])
         rows = results[family] = []
         for name, config in planned:
-            row = Row(name, "upstream nnUNetTrainer" if config is None else str(config))
             print(f"\n=== {family} / {name}: training ({'upstream U-Net' if config is None else config})", flush=True)
-            started = time.monotonic()
-            try:
-                fold_folder = train_unet(dataset.name, device) if config is None else train_vit(name, config,
-                                                                                                dataset.name, device)
-                row.train_s = time.monotonic() - started
-                predict_and_score(nnUNetTrainer if config is None else nnUNetTrainer_vit, fold_folder, dataset,
-                                  run_dir / "predictions" / family / name, device, row, labels)
-            except Exception as err:  # one failing row (a bad config, out of memory) must not lose the others
-                row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+            row = train_and_score(name, config, dataset, run_dir / "predictions" / family / name, device, labels)
             rows.append(row)
             means = ", ".join(f"{c} {row.mean(row.dice.get(c, {})):.3f}" for c in labels)
             print(f"=== {family} / {name}: Dice {means}, {row.train_s:.0f} s{' ' + row.error if row.error else ''}",

@@ -320,6 +320,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from nnunetv2.vit.cli import get_device
     from nnunetv2.vit.demo import plan
     from nnunetv2.vit.demo_data import write_demo_dataset
+    from nnunetv2.vit.errors import TrainingStopped
     from nnunetv2.vit.export_backbone import export_backbone
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
@@ -378,6 +379,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 scores = ", ".join(f"{cls} {row.seed_means(cls)[-1]:.3f}" for cls in target.classes)
                 print(f"=== {name}, seed {seed}: test Dice {scores}, {row.trainable:,} trainable parameters, "
                       f"{row.train_s[-1]:.0f} s", flush=True)
+        except TrainingStopped as stop:  # SIGTERM/SIGUSR1 end the run, not one row
+            raise SystemExit(f"transfer.py: stopped in row {name} ({stop}); the rows before it are kept.") from None
         except Exception as err:  # one failing row must not lose the others
             row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
             print(f"=== {name}: {row.error}", flush=True)

@@ -51,6 +51,23 @@ def test_detail_rows_use_the_demo_config_with_the_detail_path(tmp_path):
     assert "detail_path" not in plain["model"]["decoder"] and "detail_channels" not in plain["model"]["decoder"]
 
 
+def test_a_failing_row_is_recorded_and_a_stop_signal_ends_the_run(tmp_path, monkeypatch):
+    from nnunetv2.vit.errors import TrainingStopped
+
+    def failing(error):
+        def train(*args, **kwargs):
+            raise error
+        return train
+
+    dataset = tmp_path / "Dataset998_SynthCracks"
+    monkeypatch.setattr(quality, "train_unet", failing(RuntimeError("out of memory\nat step 3")))
+    row = quality.train_and_score("unet", None, dataset, tmp_path / "pred", "cpu", {"crack": 1})
+    assert row.error == "RuntimeError: out of memory at step 3" and row.dice == {}
+    monkeypatch.setattr(quality, "train_unet", failing(TrainingStopped("Stopped by SIGTERM after step 2 of epoch 0.")))
+    with pytest.raises(SystemExit, match="stopped in row unet .*SIGTERM.*the rows before it are kept"):
+        quality.train_and_score("unet", None, dataset, tmp_path / "pred", "cpu", {"crack": 1})
+
+
 def test_quick_and_rows_together_are_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--quick", "--rows", "unet"])
