@@ -89,8 +89,9 @@ BATCH_SIZE = 2
 SOURCE_SIZE, TARGET_SIZE, TARGET_TRAIN, TARGET_TEST = 128, 128, 8, 8
 SMOKE = {"source_epochs": 2, "target_epochs": 2, "iterations": 2, "size": 64, "train": 5, "test": 2}
 
-# The demo's DPT (nnunetv2/configs/dpt_demo.yaml): every target row with its detail path, the source without it, so
-# that the backbone alone has to learn the source's structures.
+# The demo's DPT (nnunetv2/configs/dpt_demo.yaml) as RESULTS.md's transfer tables measured it, its detail path at the
+# library's widths (the demo config's are twice those since): every target row with its detail path, the source
+# without it, so that the backbone alone has to learn the source's structures.
 DECODER = {"fusion_hidden_size": 64, "neck_hidden_sizes": [48, 96, 192, 384], "readout_type": "project"}
 BASE_CONFIG = {
     "model": {"model_path": "nnunetv2.model.model_dpt", "backbone": "dinov3", "backbone_size": "small",
