@@ -11,6 +11,8 @@ case), parameters and training time. A panel per family (image, ground truth and
 prediction for each test case) is written next to the JSON after the family's last row.
 
 - ``unet``: upstream's ``nnUNetTrainer`` and network untouched; only the epochs and iterations are set.
+- ViT rows: planned with ``nnUNetv2_plan_vit.py`` and trained with ``nnUNetv2_train_vit.py``; like the U-Net row,
+  without the final validation on fold 0's validation cases (the test split is what is scored).
 - ``dpt``, ``upernet``, ``segformer``, ``primus``: ViT-S/16 DINOv3 (random init: no model hub) with the
   demo's training settings (``nnunetv2/configs/dpt_demo.yaml``) and small decoders; ``<name>_detail``
   adds the detail path as the demo config has it (``model.decoder.detail_path: true``, its ``detail_channels``).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -158,9 +161,22 @@ def train_unet(dataset: str, device: str, budget: Optional[Dict[str, int]] = Non
     return Path(trainer.output_folder)
 
 
+@functools.cache
+def vit_trainer() -> type:
+    """``nnUNetTrainer_vit`` without the final validation on fold 0's validation cases, which upstream's U-Net row
+    (``run_training`` alone) does not run either: the rows are scored on the test split, and time the same work."""
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+
+    class nnUNetTrainer_vit_quality(nnUNetTrainer_vit):
+        def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+            """Nothing: the test split is scored instead."""
+
+    return nnUNetTrainer_vit_quality
+
+
 def train_vit(name: str, config: Path, dataset: str, device: str) -> Path:
     """``nnUNetv2_plan_vit.py <id> --config <config> -c 2d_<name>``, then ``nnUNetv2_train_vit.py <id> 2d_<name> 0
-    --config <config>``; returns the fold folder."""
+    --config <config>`` (with ``vit_trainer()``); returns the fold folder."""
     from nnunetv2.vit import plan as plan_cli
     from nnunetv2.vit.train import build_parser, results_folder, run
 
@@ -168,8 +184,10 @@ def train_vit(name: str, config: Path, dataset: str, device: str) -> Path:
     dataset_id = dataset[len("Dataset"):len("Dataset") + 3]
     plan_cli.run(plan_cli.build_parser().parse_args([dataset_id, "--config", str(config), "-c", configuration,
                                                      "-np", os.environ["nnUNet_def_n_proc"]]))
-    run(build_parser().parse_args([dataset_id, configuration, "0", "--config", str(config), "-device", device]))
-    return results_folder(dataset, "nnUNetTrainer_vit", "nnUNetPlans", configuration, "0")
+    trainer = vit_trainer().__name__
+    run(build_parser().parse_args([dataset_id, configuration, "0", "--config", str(config), "-device", device,
+                                   "-tr", trainer]))
+    return results_folder(dataset, trainer, "nnUNetPlans", configuration, "0")
 
 
 def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out: Path, device: str, row: Row,

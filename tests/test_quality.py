@@ -68,6 +68,16 @@ def test_a_failing_row_is_recorded_and_a_stop_signal_ends_the_run(tmp_path, monk
         quality.train_and_score("unet", None, dataset, tmp_path / "pred", "cpu", {"crack": 1})
 
 
+def test_vit_rows_train_with_nnUNetTrainer_vit_found_by_name_and_skip_the_final_validation(monkeypatch):
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+    from nnunetv2.vit.upstream_adapter import find_trainer_class
+
+    trainer = quality.vit_trainer()
+    assert issubclass(trainer, nnUNetTrainer_vit) and find_trainer_class(trainer.__name__) is trainer
+    monkeypatch.setattr(nnUNetTrainer_vit, "perform_actual_validation", lambda *args: pytest.fail("validated"))
+    trainer.perform_actual_validation(object.__new__(trainer))
+
+
 def test_quick_and_rows_together_are_refused(capsys):
     with pytest.raises(SystemExit):
         quality.main(["--quick", "--rows", "unet"])
