@@ -19,7 +19,7 @@ prediction for each test case) is written next to the JSON after the family's la
 - ``name=path/to/config.yaml``: any other config, trained with the same budget.
 
     .venv/bin/python benchmarks/quality.py                    # the demo, every row
-    .venv/bin/python benchmarks/quality.py --families all     # every family, U-Net and detail rows (36 min, 2 cores)
+    .venv/bin/python benchmarks/quality.py --families all     # every family, U-Net and detail rows (35 min, 2 cores)
     .venv/bin/python benchmarks/quality.py --families all --quick   # the U-Net and dpt_detail only
     .venv/bin/python benchmarks/quality.py --families cracks --rows unet dpt_detail mine=my.yaml
 
