@@ -11,6 +11,7 @@ import torch
 
 from nnunetv2.vit.errors import USER_ERRORS, ConfigError
 
+
 def dataset_name(dataset_name_or_id: str) -> str:
     """Upstream's dataset id/name lookup, with its failure as a user error."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name

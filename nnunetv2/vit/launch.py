@@ -29,6 +29,7 @@ TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "M
 # How long a collective (or a barrier while rank 0 unpacks data or writes a checkpoint) may wait for the others.
 DDP_TIMEOUT_VARIABLE, DDP_TIMEOUT_DEFAULT_S = "nnUNet_ddp_timeout", 600
 
+
 def torchrun_started() -> bool:
     """Whether torchrun (or -num_gpus, through torchrun's launcher) started this process: RANK and WORLD_SIZE
     are set, as upstream's unmerged cross-node branch reads them."""
