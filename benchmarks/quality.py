@@ -94,11 +94,10 @@ def row_config(name: str, workdir: Path) -> Path:
     if decoder_name != "dpt":
         config["model"].update(SMALL_DECODERS[decoder_name])
     decoder = config["model"]["decoder"] = dict(config["model"].get("decoder") or {})
-    if suffix == "detail":  # every decoder's detail path as the demo config has it
+    for key in detail:  # every decoder's detail path as the demo config has it, or none
+        decoder.pop(key, None)
+    if suffix == "detail":
         decoder.update({**detail, "detail_path": True})
-    else:
-        decoder.pop("detail_path", None)
-        decoder.pop("detail_channels", None)
     config["train"].update(BUDGET)
     path = workdir / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
