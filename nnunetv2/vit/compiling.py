@@ -1,11 +1,6 @@
-"""What torch.compile does, told in the training log: when it compiles, how long that took, and when
-it recompiles, breaks a graph or falls back to eager, and why.
-
-Compiling a ViT's first training step can take minutes, during which nothing else is printed; without
-these lines a user cannot tell a compile from a hang. Dynamo's own bookkeeping is the source:
-``torch._dynamo.utils.counters`` (graphs compiled, graph breaks with their reasons) and
-``guard_failures`` (why a function was recompiled), plus dynamo's warnings (e.g. the recompile limit,
-after which a function runs eagerly).
+"""What torch.compile does, told in the training log: when it compiles and for how long, and when it recompiles,
+breaks a graph or falls back to eager, and why. A first step can compile for minutes: without this a user cannot tell
+a compile from a hang. The source is dynamo's bookkeeping (``counters``, ``guard_failures``) and its warnings.
 """
 
 from __future__ import annotations

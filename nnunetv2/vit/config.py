@@ -1,11 +1,9 @@
 """YAML config for ViT training: read (with ``inherits:``), check (one clear error before any work), build the model.
 
-A config has three sections, each a typed dataclass whose fields carry their type, default and meaning:
-``model`` (``ModelSection``; its ``decoder`` is the model module's own ``DecoderConfig``), ``lora``
-(``LoraSettings``, under peft's ``LoraConfig`` names) and ``train`` (``TrainSection``; upstream nnU-Net's
-defaults). Keys left out keep the defaults; ``inherits: other.yaml`` starts from another config, so a file lists
-only what differs. The resolved ``ViTConfig`` travels with a trained model as ``to_dict()`` (plans.json,
-checkpoints) and reads back with ``from_stored``: the same keys from the file to the model.
+Three sections, each a typed dataclass whose fields carry type, default and meaning: ``model`` (its ``decoder`` the
+model module's ``DecoderConfig``), ``lora`` (``LoraSettings``, peft's names) and ``train`` (nnU-Net's defaults).
+``inherits: other.yaml`` starts from another file. The resolved ``ViTConfig`` travels with a trained model as
+``to_dict()`` and reads back with ``from_stored``: the same keys from the file to the model.
 """
 
 from __future__ import annotations
@@ -112,10 +110,8 @@ class ViTConfig:
 
     @classmethod
     def from_stored(cls, stored: Dict[str, Dict[str, Any]]) -> "ViTConfig":
-        """A config stored with a trained model (validated when its training started); keys added since then take
-        their defaults, except ``model.normalization`` and ``train.decay_norms_and_biases`` (see
-        ``STORED_BEFORE_NORMALIZATION``, ``STORED_BEFORE_PARAMETER_GROUPS``), and section keys since removed are
-        ignored. Its backbone file is not looked for: it need not exist where the model is used."""
+        """A config stored with a trained model: keys added since take their defaults (but see ``STORED_BEFORE_*``),
+        keys since removed are ignored, and its backbone file need not exist."""
         stored = {**stored, "model": {**STORED_BEFORE_NORMALIZATION, **stored.get("model", {})},
                   "train": {**STORED_BEFORE_PARAMETER_GROUPS, **stored.get("train", {})}}
         known = {name: {f.name for f in dataclasses.fields(section)} for name, section in SECTIONS.items()}
@@ -306,11 +302,8 @@ def load_config(path: Union[str, Path]) -> ViTConfig:
 
 
 def build_model(config: ViTConfig, in_channels: int, num_classes: int, load_weights: bool):
-    """Build the segmentation network a resolved config describes; ``load_weights=False`` builds the architecture
-    only (prediction, resuming: the weights come from the nnU-Net checkpoint, so no download and no backbone file).
-
-    What the typed config cannot know before the backbone exists (LoRA targets the backbone lacks, a user's factory
-    that refuses its options) is one ConfigError line naming the keys to change."""
+    """The network a resolved config describes; ``load_weights=False``: the architecture only (no download, no
+    backbone file). What only the build can tell (LoRA targets the backbone lacks, ...) is one ConfigError line."""
     model = config.model
     factory = import_model_module(model.model_path).create_segmentation_model
     # The typed decoder options go as they are; a module without typed options takes the mapping as keywords.

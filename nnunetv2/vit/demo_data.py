@@ -47,10 +47,7 @@ def _wrap(angle: float) -> float:
 
 
 def smooth_field(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
-    """Low-frequency noise in about [-1, 1]: a coarse random grid upsampled with smoothstep weights.
-
-    Used for illumination changes and choroidal texture; cheap and fully vectorised.
-    """
+    """Low-frequency noise in about [-1, 1] (illumination, texture): a coarse random grid upsampled with smoothstep."""
     coarse = rng.uniform(-1.0, 1.0, size=(grid + 1, grid + 1))
     pos = (np.arange(size) + 0.5) * (grid / size)
     i0 = np.minimum(pos.astype(np.int64), grid - 1)
@@ -215,13 +212,8 @@ def fundus_anatomy(rng: np.random.Generator, size: int) -> tuple:
 
 
 def make_fundus_case(rng: np.random.Generator, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Draw one synthetic fundus photograph and its segmentation.
-
-    Returns ``(image, label)``: image is RGB uint8 ``(size, size, 3)``, label is uint8
-    ``(size, size)`` with 0 = background, 1 = vessel, 2 = optic disc (the disc wins over vessels
-    inside it). Everything outside the circular field of view is 0 in both. All randomness comes
-    from ``rng``, so a generator seeded the same way gives the same case.
-    """
+    """One synthetic fundus photograph (RGB uint8) and its label (uint8: 0 background, 1 vessel, 2 optic disc, which
+    wins inside the disc); 0 outside the field of view in both. All randomness comes from ``rng``."""
     if size < 32:
         raise ValueError(f"size must be at least 32, got {size}")
     s = size / 256.0
@@ -332,15 +324,10 @@ def write_generated_dataset(raw_root: str | Path, dataset_id: int, name: str,
                             make_case: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]],
                             channel_names: dict, labels: dict, description: str, record_key: str, record: dict,
                             case_prefix: str) -> Path:
-    """Write generated cases as the nnU-Net raw dataset ``raw_root/DatasetXXX_<name>`` and return that folder; the
-    demo's and the benchmarks' dataset families share it.
-
-    ``record`` (with ``num_train``, ``num_test``, ``size`` and ``seed``) says what was generated; it is stored as
-    ``dataset.json[record_key]``. Case ``i`` of split ``s`` is
-    ``make_case(case_rng(seed, s, i), size)``, so the output is byte-identical for the same record. The folder is
-    assembled in a hidden temporary sibling and renamed into place: an interrupted run never leaves a half-written
-    dataset. A folder that already holds the same record is reused untouched; any other folder using this id raises
-    ``FileExistsError``.
+    """Write generated cases as the nnU-Net raw dataset ``raw_root/DatasetXXX_<name>`` (the demo's and the benchmarks'
+    families) and return it. Case ``i`` of split ``s`` is ``make_case(case_rng(seed, s, i), size)``, so the same
+    ``record`` (stored as ``dataset.json[record_key]``) gives the same bytes. Built in a temporary sibling and renamed:
+    never half-written. A folder with the same record is reused; another one with this id raises FileExistsError.
     """
     folder_name = dataset_folder_name(dataset_id, name)
     num_train, num_test, size, seed = (record[key] for key in ("num_train", "num_test", "size", "seed"))
@@ -388,13 +375,8 @@ def write_demo_dataset(
     size: int = 256,
     seed: int = 0,
 ) -> Path:
-    """Write the synthetic fundus dataset to ``raw_root/DatasetXXX_Name`` and return that folder.
-
-    Layout follows nnU-Net v2 raw format for natural images: ``imagesTr/<case>_0000.png`` (one RGB
-    PNG whose three channels nnU-Net's NaturalImage2DIO reads as R, G, B), ``labelsTr/<case>.png``
-    (grey uint8), the same under ``imagesTs``/``labelsTs``, and ``dataset.json``; written, reused or
-    refused as ``write_generated_dataset`` says.
-    """
+    """Write the synthetic fundus dataset (one RGB PNG per case, grey label PNGs, ``imagesTs``/``labelsTs`` for the
+    test split) to ``raw_root/DatasetXXX_Name`` as ``write_generated_dataset`` does, and return that folder."""
     record = {"version": GENERATOR_VERSION, "seed": int(seed), "size": int(size),
               "num_train": int(num_train), "num_test": int(num_test)}
     return write_generated_dataset(

@@ -1,15 +1,8 @@
 """Backbone normalization as an nnU-Net normalization scheme, applied by upstream's preprocessing and prediction.
 
-A configuration planned by ``nnUNetv2_plan_vit.py`` with ``model.normalization: backbone`` names
-``BackboneNormalization`` for each channel. Like upstream's ``CTNormalization``, the scheme reads its parameters
-from the channel's entry in the plans' ``foreground_intensity_properties_per_channel`` (the only thing upstream
-hands a scheme), here under ``backbone_normalization``: the intensity range and the pretraining mean and std.
-Upstream preprocesses the training data and every case it predicts with it, so the network sees the same values
-in training and in prediction.
-
-Upstream finds schemes by name, in the modules of its own ``preprocessing/normalization`` folder, in the main
-process and in its spawned preprocessing workers: ``upstream_adapter.register_normalization`` puts this one there.
-This module imports only numpy and upstream's normalization module (a few milliseconds).
+Like upstream's ``CTNormalization``, it reads its parameters (intensity range, pretraining mean and std) from the
+channel's ``foreground_intensity_properties_per_channel`` entry in the plans, the only thing upstream hands a scheme,
+so training data and predicted cases see the same values. ``upstream_adapter`` makes upstream find it by name.
 """
 
 from __future__ import annotations

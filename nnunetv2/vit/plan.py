@@ -1,22 +1,10 @@
 """``nnUNetv2_plan_vit.py``: plan a 2d configuration for a ViT model, then preprocess its data with upstream.
 
-nnU-Net plans its ``2d`` configuration for its U-Net. This command adds ``2d_<name>`` to the dataset's plans,
-inheriting ``2d`` (spacing, resampling, splits) and choosing what the ViT needs:
-
-- normalization (``model.normalization``): ``backbone`` scales each channel to 0-1 and applies the backbone's
-  pretraining mean and std (``BackboneNormalization``, its own preprocessed data); ``zscore`` keeps nnU-Net's
-  normalization and the ``2d`` data; ``auto`` is ``backbone`` for pretrained weights and ``zscore`` for random ones;
-- patch size: ``2d``'s, rounded to the model's alignment (patch size x token grid multiple), so no pixel of
-  a patch is padding the model computes and throws away;
-- batch size: the largest that fits a GPU memory target by the memory model of the configured model
-  (``nnunetv2.model.memory``), capped as nnU-Net caps its own.
-
-``ViTExperimentPlanner`` is an nnU-Net ``ExperimentPlanner``: the memory target (its default included), the dataset
-cap and the minimum batch are its attributes, so they stay nnU-Net's.
-
-What was chosen, and why, is recorded in the configuration's ``vit_plan``; training resolves ``auto`` to what the
-configuration was planned for (nnU-Net's own normalization on ``2d``) and refuses a config whose backbone or explicit
-normalization differs from it.
+nnU-Net plans ``2d`` for its U-Net. This command adds ``2d_<name>``, inheriting ``2d`` (spacing, resampling,
+splits), with what the ViT needs: the backbone's pretraining normalization (or nnU-Net's), a patch size aligned to
+the token grid, and the batch that fits a GPU memory target by the model's memory model. ``ViTExperimentPlanner`` is
+an nnU-Net ``ExperimentPlanner``, so the target, dataset cap and minimum batch stay nnU-Net's. What was chosen, and
+why, is recorded in the configuration's ``vit_plan``, which training checks its config against.
 """
 
 from __future__ import annotations
@@ -108,20 +96,14 @@ def planned_precision(config: ViTConfig) -> str:
 
 
 def add_2d_configuration(plans: dict, name: str, **planned: Any) -> None:
-    """Add ``name`` to ``plans`` as a configuration inheriting ``2d`` (nnU-Net's ``inherits_from``): ``2d``'s spacing,
-    resampling and preprocessed data, except what ``planned`` sets. Both the planner and training's lookup of an
-    unplanned ``2d_<name>`` make their entries here."""
+    """Add ``name`` to ``plans`` inheriting ``2d`` (nnU-Net's ``inherits_from``), except what ``planned`` sets."""
     plans["configurations"][name] = {"inherits_from": PARENT, **planned}
 
 
 class ViTExperimentPlanner(ExperimentPlanner):
-    """nnU-Net's planner for one ViT configuration, ``2d_<name>``, planned on top of the ``2d`` nnU-Net planned.
-
-    Upstream plans U-Net topologies from the fingerprint; this planner keeps ``2d``'s spacing and resampling and
-    replaces the U-Net's memory estimate by the memory model of the configured network. The rules around the
-    estimate are upstream's attributes: the memory target ``UNet_vram_target_GB`` (``gpu_memory_target_in_gb``,
-    default included), the dataset cap ``max_dataset_covered`` and the minimum batch ``UNet_min_batch_size``.
-    """
+    """nnU-Net's planner for one ViT configuration ``2d_<name>`` on top of ``2d``: the U-Net's memory estimate is
+    replaced by the configured network's memory model; the target (``UNet_vram_target_GB``), dataset cap
+    (``max_dataset_covered``) and minimum batch (``UNet_min_batch_size``) stay upstream's attributes."""
 
     def __init__(self, dataset_name_or_id: Union[str, int], config: ViTConfig, configuration_name: str,
                  plans_name: str = "nnUNetPlans", **kwargs: Any) -> None:
@@ -259,10 +241,8 @@ def _store_parameters(plans: dict, parameters: List[Dict], name: str) -> None:
 
 
 def planned_normalization(config: ViTConfig) -> str:
-    """What this command plans for a config: its explicit ``model.normalization``; for ``auto``, the backbone's
-    pretraining normalization when the backbone starts from pretrained weights (a download or a checkpoint file), and
-    nnU-Net's per-case z-score from random weights, which have no pretraining to match and learned far slower on
-    fixed statistics (cracks at 256x256: crack/blob Dice 0.31/0.41 against 0.69/0.90, benchmarks/RESULTS.md)."""
+    """The explicit ``model.normalization``; ``auto``: the backbone's for pretrained weights, nnU-Net's z-score for
+    random ones, which learned far slower on fixed statistics (cracks: Dice 0.31/0.41 vs 0.69/0.90, RESULTS.md)."""
     model = config.model
     if model.normalization != "auto":
         return model.normalization
@@ -271,10 +251,8 @@ def planned_normalization(config: ViTConfig) -> str:
 
 def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, dataset: str,
                           config_file: str) -> Tuple[ViTConfig, str]:
-    """``config`` with ``model.normalization`` as training on ``configuration`` applies it, and a line saying which
-    and how to get the other. ``auto`` takes what the configuration was planned for: nnU-Net's own normalization on
-    a configuration this command did not plan (``2d``), the planned one on ``2d_<name>``. A config whose backbone or
-    explicit normalization differs from the plan is refused, naming the command that plans for it."""
+    """``config`` with the normalization training on ``configuration`` applies, and a line saying which and how to
+    get the other. ``auto`` takes the plan's (nnU-Net's on ``2d``); a config that differs from its plan is refused."""
     planned = PlansManager(plans).get_configuration(configuration).configuration
     record = planned.get(PLAN_KEY)
     model = config.model

@@ -1,10 +1,8 @@
 """``nnUNetv2_predict_vit.py``: nnU-Net's prediction with a trained ViT model, ``-tr`` defaulting to nnUNetTrainer_vit.
 
-Prediction is upstream's ``nnUNetPredictor`` (sliding window, mirroring, export), set up with its
-``manual_initialization``: the network is rebuilt from the config stored in the results folder's plans.json (no YAML
-file, no download) and takes the weights of each fold's checkpoint, read once, as data unless the user trusts it
-(``--trust_checkpoint``). Before anything is written, the model folder, its checkpoints and the input images are
-checked. The command's flags are ``nnUNetv2_predict``'s.
+Upstream's ``nnUNetPredictor`` through ``manual_initialization``: the network is rebuilt from the results folder's
+stored config and takes each fold's checkpoint, read once and as data. Model, checkpoints and inputs are checked before
+anything is written. The flags are ``nnUNetv2_predict``'s.
 """
 
 from __future__ import annotations
@@ -91,10 +89,9 @@ class TrainedModel:
 def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]],
                        checkpoint_name: str = "checkpoint_final.pth", trust: bool = False,
                        configuration: Optional[str] = None, vit: bool = True) -> TrainedModel:
-    """Read a trained model folder, refusing a missing model and a checkpoint that is missing, holds another model
-    than the folder's plans.json or more than plain data (unless ``trust``). ``configuration``: the one asked for
-    (default: the first checkpoint's). ``vit`` false: a model of another trainer (upstream's U-Net, which the
-    benchmarks predict next to ours), read without the ViT config checks."""
+    """Read a trained model folder, refusing a missing checkpoint, one of another model or one that is more than data
+    (unless ``trust``). ``configuration`` defaults to the first checkpoint's; ``vit`` false skips the ViT checks (the
+    benchmarks' U-Net)."""
     from nnunetv2.vit.config import ViTConfig
     from nnunetv2.vit.trained_model import read_training_checkpoint, require_same_model, stored_config
 
@@ -129,9 +126,8 @@ def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]
 
 
 def initialize_predictor(predictor: nnUNetPredictor, model: TrainedModel, trainer_class: Optional[type] = None) -> None:
-    """Upstream's ``manual_initialization`` with the network the checkpoints' trainer builds from the plans and the
-    checkpoints' weights; when upstream compiles the network (``nnUNet_compile``), the first tile says so and how long
-    compiling took."""
+    """Upstream's ``manual_initialization`` with the checkpoints' trainer's network and weights; a compiled network's
+    first tile logs its compile time."""
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -161,9 +157,8 @@ def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence
                                  checkpoint_name: str = "checkpoint_final.pth",
                                  trainer_class: Optional[type] = None,
                                  trust_checkpoint: bool = False) -> nnUNetPredictor:
-    """A predictor for a trained model folder with upstream's defaults (TTA, Gaussian tiles), quiet. ``trainer_class``
-    builds the network (default: the checkpoints' trainer); another than nnUNetTrainer_vit or a subclass (upstream's
-    U-Net) reads the model without the ViT config checks."""
+    """A quiet predictor with upstream's defaults for a trained model folder; ``trainer_class`` builds the network
+    (default: the checkpoints'), and one not derived from nnUNetTrainer_vit skips the ViT checks."""
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
     vit = trainer_class is None or issubclass(trainer_class, nnUNetTrainer_vit)
@@ -178,10 +173,8 @@ MAX_REASON = 300  # characters of a reader's error shown per case
 
 
 def check_input_images(folder: Path, dataset_json: dict, reader) -> None:
-    """Refuse the input folder, before anything is predicted, unless every case in it can be: all files named
-    ``CASE_XXXX<ending>``, each case's channel files numbered 0000 to N-1, readable by the model's image reader,
-    and giving the model's channel count. One error names every bad case (upstream's workers met them one by
-    one, mid-way, with an IndexError and a hint about full RAM)."""
+    """Refuse the input folder unless every case can be predicted: named ``CASE_XXXX<ending>``, channels 0000 to N-1,
+    readable, the model's channel count. One error names every bad case (upstream's workers fail one by one)."""
     ending = dataset_json["file_ending"]
     expected = len(dataset_json["channel_names"])
     images = sorted(folder.glob(f"*{ending}")) if folder.is_dir() else []

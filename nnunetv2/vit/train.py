@@ -1,9 +1,7 @@
 """``nnUNetv2_train_vit.py``: upstream ``nnUNetv2_train`` plus ``--config`` for the ViT model.
 
-Everything is checked before heavy work starts (dataset, plans, configuration, YAML), the
-resolved config is put into the plans the trainer receives, and then upstream's training,
-checkpoint loading and validation run as usual. Under torchrun or with ``-num_gpus`` (``launch.py`` starts the
-processes), global rank 0 does the checks and every process trains.
+Every input is checked before heavy work, the resolved config goes into the plans the trainer receives, then
+upstream's training and validation run. Under torchrun or ``-num_gpus`` (``launch.py``), rank 0 checks, all train.
 """
 
 from __future__ import annotations
@@ -79,11 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: str) -> tuple[str, dict, dict]:
-    """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run.
-
-    ``2d_<name>`` is added to the plans as a configuration inheriting from ``2d``: it trains on the same
-    preprocessed data into its own results folder, so several models of one dataset can sit side by side.
-    """
+    """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run. An unplanned
+    ``2d_<name>`` inherits ``2d``: same data, its own results folder, so several models sit side by side."""
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -127,8 +122,8 @@ def require_preprocessed(args: argparse.Namespace, dataset: str, plans: dict) ->
 
 
 def check_label_values(dataset: str, plans: dict, dataset_json: dict) -> None:
-    """Refuse label values that dataset.json does not list before training (in a worker, one breaks training
-    with "index 7 is out of bounds"). Reads the preprocessed dataset's copy of the labels (gt_segmentations)."""
+    """Refuse label values dataset.json does not list (in a worker they break training with "index 7 is out of
+    bounds"), from the preprocessed copy of the labels."""
     import numpy as np
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -199,11 +194,9 @@ def check_writable(folder: Path) -> None:
 
 @contextlib.contextmanager
 def fold_lock(fold_folder: Path, run_id: Optional[str] = None) -> Iterator[None]:
-    """Hold ``.training.lock`` in the fold folder while training or validating there: a second training of the
-    same fold is refused (their checkpoints would interleave). A lock left by a killed process (its PID gone
-    on this host) is taken over, and so is one left by an earlier start of the same torchrun job (``run_id``:
-    its rendezvous id; a restarted or requeued job's rank 0 may run on another node). Folders made for the
-    lock are removed again if nothing else was written."""
+    """Hold ``.training.lock`` in the fold folder: a second training of the fold is refused. A lock of a dead process
+    on this host, or of an earlier start of this torchrun job (``run_id``, whose rank 0 may have run on another node),
+    is taken over. Folders made for the lock go again if nothing else was written."""
     lock = fold_folder / LOCK_NAME
     created = [folder for folder in (fold_folder, *fold_folder.parents) if not folder.exists()]
     fold_folder.mkdir(parents=True, exist_ok=True)
@@ -284,8 +277,7 @@ WORKERS_DIED = "background workers are no longer alive"
 
 @contextlib.contextmanager
 def out_of_memory_is_one_line(trainer: nnUNetTrainer_vit) -> Iterator[None]:
-    """Running out of memory (the model, or the augmentation workers making huge batches) is a setting to change,
-    said in one line with the settings that lower it, not an allocator traceback."""
+    """Out of memory (the model, or the augmentation workers) is one line naming the settings that lower it."""
     try:
         yield
     except RuntimeError as err:  # torch.OutOfMemoryError is one
@@ -367,10 +359,8 @@ def run(args: argparse.Namespace) -> None:
 
 
 def run_distributed(args: argparse.Namespace, device: torch.device) -> None:
-    """One of the processes torchrun started. Global rank 0 checks the inputs, takes the fold lock and picks the
-    checkpoint to resume from; every process then trains with them. Processes that torchrun restarted
-    (``--max-restarts``) continue from the latest checkpoint, as with --c (-pretrained_weights applies only if
-    there is none yet)."""
+    """One of torchrun's processes: rank 0 checks the inputs, takes the fold lock and picks the checkpoint, all train.
+    After a torchrun restart (``--max-restarts``) they continue from the latest checkpoint, as with --c."""
     rank = dist.get_rank()
     # torchrun counts restarts per machine, and not those it makes because another machine's processes restarted
     # (a "membership change"): the group restarted if any process says so.

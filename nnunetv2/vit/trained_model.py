@@ -1,9 +1,8 @@
 """What travels with a trained model: its resolved ViT config in the plans, and its nnU-Net checkpoints.
 
-The config is stored under ``plans["configurations"][<name>]["vit_config"]``. Upstream copies those
-plans into the results folder (``plans.json``) and into every checkpoint (the trainer's init args),
-so training, ``--c``, ``--val`` and prediction all read it with one reader, ``stored_config``, and
-compare it with one check, ``require_same_model``. Checkpoints are read as data (``checkpoint_io``).
+The config is stored under ``plans["configurations"][<name>]["vit_config"]``, which upstream copies into the results
+folder's ``plans.json`` and every checkpoint; one reader (``stored_config``) and one check (``require_same_model``)
+serve training, ``--c``, ``--val`` and prediction. Checkpoints are read as data (``checkpoint_io``).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")) -> None:
-        """Upstream's, with the training settings of the plans' ViT config (as upstream's variants set theirs)."""
+        """Upstream's, then the training settings of the plans' ViT config (as upstream's variants set theirs)."""
         super().__init__(plans, configuration, fold, dataset_json, device)
         if len(self.configuration_manager.patch_size) != 2:
             raise ConfigError(
@@ -56,22 +56,19 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         self.save_every = train.save_every
         self.enable_deep_supervision = False
         if self.is_ddp:
-            # Upstream takes the global rank as the CUDA index (cuda:5 on the second node of 4-GPU nodes) and moves
-            # CPU processes to a GPU; the launcher chose the device from LOCAL_RANK. (self.local_rank stays upstream's
-            # global rank: it picks the one process that writes and each process's share of the validation cases.)
+            # The launcher's device (LOCAL_RANK), not upstream's cuda:<global rank>, which is wrong past the first node
+            # and moves CPU processes to a GPU. self.local_rank stays upstream's global rank (who writes, val shares).
             self.device = device
         self.precision = self._resolve_precision(train.precision)
-        # Loss scaling is needed for fp16 only; upstream makes a scaler for any CUDA device and none elsewhere.
+        # Loss scaling for fp16 only (upstream scales on any CUDA device); the other precisions step through a scaler
+        # held at 1, whose flag of non-finite gradients makes the fused optimizer skip on the device (train_step).
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        # Other precisions step through a GradScaler held at scale 1 (see train_step): its unscale_ finds non-finite
-        # gradients and its step hands that flag to the fused optimizer, which skips the update on the device.
         self.unit_scaler = torch.amp.GradScaler(self.device.type, init_scale=1.0)
         # Set to False (resume, --val) to build the architecture only: the weights come from a checkpoint.
         self.load_pretrained_backbone = True
         # The user's word (--trust_checkpoint) that the checkpoints this trainer loads may be full pickles.
         self.trust_checkpoint = False
-        # Skipped steps, counted on the device (reading them every step would wait for the GPU): per epoch
-        # [non-finite loss or gradient, fp16 gradient overflow], the current and the longest run of non-finite ones.
+        # Skipped steps, counted on the device (no wait per step): per epoch [non-finite, fp16 overflow], and runs.
         self.skip_counts = torch.zeros(2, dtype=torch.int64, device=self.device)
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=self.device)
         self.longest_streak = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -107,10 +104,9 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                            load_weights=False)
 
     def initialize(self) -> None:
-        """Upstream hook missing: upstream's initialize builds the network only through the static
-        ``build_network_architecture`` (the predictor's: no pretrained weights), compiles it whole and wraps DDP with
-        SyncBatchNorm on ``device_ids=[global rank]`` (fails on CPU/gloo and on every node but the first), none of
-        it a hook; this takes upstream's steps with ``_training_network`` instead. A test watches upstream's."""
+        """Upstream's steps with ``_training_network``. Hook missing upstream: its network is built only by the static
+        (predictor's) ``build_network_architecture``, compiled whole and DDP-wrapped on the global rank's GPU. A test
+        watches upstream's for changes."""
         if self.was_initialized:
             raise RuntimeError("The trainer is already initialized.")
         self._set_batch_size_and_oversample()
@@ -132,9 +128,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         }})
 
     def _training_network(self) -> torch.nn.Module:
-        """The network as trained: the pretrained backbone (unless resuming), gradient checkpointing if set, compiled
-        one region at a time, and in DDP wrapped without SyncBatchNorm off CUDA (gloo on CPU) and, on CUDA, on this
-        process's device (the launcher's LOCAL_RANK), not the global rank."""
+        """The pretrained network (architecture only when resuming), compiled region by region, and in DDP wrapped on
+        this process's device, with SyncBatchNorm on CUDA only."""
         network = build_model(self.vit_config, self.num_input_channels, self.label_manager.num_segmentation_heads,
                               load_weights=self.load_pretrained_backbone)
         self._check_batch_size(network)
@@ -157,9 +152,7 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return dist.get_world_size() if self.is_ddp else 1
 
     def _set_batch_size_and_oversample(self) -> None:
-        """The planned batch is per process (nnUNetv2_plan_vit.py plans what one GPU holds; train.batch_size
-        likewise): N processes train with N times that batch. Upstream splits it across the processes instead, so a
-        plan made for one GPU would fill each of N GPUs to 1/N. Each process samples foreground as one would."""
+        """The planned batch is per process (the plan is for one GPU): upstream would split it across N processes."""
         self.batch_size = self.configuration_manager.batch_size
 
     def batch_description(self) -> str:
@@ -238,16 +231,12 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return self.compile_log.first_call(phase, what, self.device)
 
     def train_step(self, batch: dict) -> dict:
-        """Upstream's step with the configured precision and clip value, where a step whose loss or gradient is not
-        finite changes nothing (weights, optimizer state, BatchNorm statistics), in every DDP process alike.
+        """Upstream's step with the configured precision and clip; a non-finite loss or gradient changes nothing
+        (weights, optimizer state, BatchNorm statistics) in any DDP process, and no step waits for the device.
 
-        The step never waits for the device. As upstream's fp16 step, it goes through a ``torch.amp.GradScaler``
-        (``unit_scaler``, held at scale 1, for the other precisions): ``unscale_`` flags non-finite gradients and
-        ``step`` hands the flag to the fused optimizer, which skips the update on the device. A non-finite loss is
-        made to give NaN gradients, so it is flagged too; DDP averages the gradients before the check, so every
-        process sees the same flag. A gradient norm that overflows float32 (finite gradients of 1e19) skips the step
-        too. BatchNorm statistics and the skip counts follow the gradient norm. The loss is returned as a device
-        tensor, and skipped steps are counted there; ``on_train_epoch_end`` reads it all once per epoch.
+        A ``GradScaler`` (``unit_scaler`` at scale 1 unless fp16) flags non-finite gradients, a non-finite loss made
+        NaN gradients, and an overflowing norm; the fused optimizer then skips on the device. DDP averages gradients
+        before the check, so every process skips alike. Loss and counts stay on the device until the epoch ends.
         """
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"].to(self.device, non_blocking=True)
@@ -285,9 +274,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
         return {"loss": loss.detach()}
 
     def run_training(self) -> None:
-        """Upstream's training, stopped cleanly by SIGTERM or SIGUSR1: after the step in progress every process
-        stops, rank 0 writes ``checkpoint_latest.pth`` and ``TrainingStopped`` is raised (see ``_stop``). A signal
-        during the last epoch's end stops before the final validation (``checkpoint_final.pth`` is written)."""
+        """Upstream's training; SIGTERM or SIGUSR1 stops every process after the same step (``_stop``), or, in the
+        last epoch's end, before the final validation."""
         try:
             super().run_training()
         except TrainingStopped:
@@ -302,9 +290,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                                   f"Resume with --c to run the validation.")
 
     def _stop(self) -> None:
-        """After an agreed stop in a training step of epoch E: rank 0 writes ``checkpoint_latest.pth`` saying epoch E,
-        with the weights of this step and the log of epochs before E, so ``--c`` runs epoch E again from its start;
-        no process ends before that file is complete. The augmentation workers are ended as upstream ends them."""
+        """Stopped in epoch E: rank 0 writes ``checkpoint_latest.pth`` with this step's weights and the log before E,
+        so ``--c`` runs E again; no process ends before it is written."""
         name = self.stop_signals.name
         epoch = self.current_epoch
         for values in self.logger.get_checkpoint().values():
@@ -340,8 +327,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 if buffer is not None]
 
     def on_train_epoch_end(self, train_outputs: List[dict]) -> None:
-        """Upstream's epoch loss from the device losses (read once per epoch), ignoring skipped (non-finite) steps;
-        skipped steps logged; training stops after ``max_nonfinite_steps`` non-finite steps in a row."""
+        """Upstream's epoch loss without skipped steps, read from the device once; ends the training after
+        ``max_nonfinite_steps`` non-finite steps in a row."""
         losses = torch.stack([output["loss"].float() for output in train_outputs]).cpu().numpy()  # waits for the device
         self._log_throughput(len(train_outputs), time.perf_counter() - self.epoch_train_start)
         if self.is_ddp:
@@ -400,12 +387,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
             self.compile_log.close()
 
     def save_checkpoint(self, filename: str) -> None:
-        """Upstream's checkpoint, written to a temporary file first: a kill never leaves a half-written one.
-
-        The temporary file is one we open and hand to upstream (which passes it on to ``torch.save``): a failed
-        write then raises the system's OSError (``errno.ENOSPC`` for a full disk), where ``torch.save`` given a
-        path raises an internal RuntimeError ("unexpected pos").
-        """
+        """Upstream's checkpoint, written to a temporary file and renamed: a kill never leaves a half-written one. We
+        open the file, so a failed write raises OSError (``torch.save`` given a path raises RuntimeError)."""
         if self.local_rank != 0 or self.disable_checkpointing:
             super().save_checkpoint(filename)  # writes nothing (only rank 0 writes; upstream logs a disabled one)
             return
@@ -423,9 +406,8 @@ class nnUNetTrainer_vit(nnUNetTrainer):
                 os.remove(partial)  # what a failed write left (after the rename there is nothing to remove)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[str, dict]) -> None:
-        """Upstream hook missing: upstream's reads the file itself with ``torch.load(weights_only=False)`` and fails
-        on an already read checkpoint (UnboundLocalError); these are its steps on a checkpoint read as data, refused
-        if it holds another model or other parameter groups."""
+        """Upstream's steps on a checkpoint read as data, refused if it holds another model or parameter groups.
+        Hook missing upstream: its own reads the file as a full pickle, and fails given a read checkpoint."""
         if isinstance(filename_or_checkpoint, str):
             name = filename_or_checkpoint
             checkpoint = read_training_checkpoint(filename_or_checkpoint, trust=self.trust_checkpoint)

@@ -1,9 +1,7 @@
-"""Every adaptation of the installed upstream nnU-Net that this package makes, each with the reason it is needed.
+"""Every adaptation of the installed upstream nnU-Net that this package makes, each with its reason.
 
-``nnunetv2/__init__.py`` calls ``adapt_upstream`` on import, so it holds in every process that imports ``nnunetv2``
-from this repository: this package's commands, upstream's own commands and the workers they spawn. Everything else
-in ``nnunetv2.vit`` uses upstream through its public API (trainer hooks, ``nnUNetPredictor.manual_initialization``
-and ``predict_from_files``). This module imports only upstream's normalization module and numpy.
+``nnunetv2/__init__.py`` calls ``adapt_upstream`` on import, so it holds in every process that imports ``nnunetv2``:
+our commands, upstream's and their workers. Everything else uses upstream's public API.
 """
 
 from __future__ import annotations
@@ -24,37 +22,23 @@ def adapt_upstream() -> None:
 
 
 def register_normalization() -> None:
-    """Make ``BackboneNormalization`` an attribute of upstream's ``default_normalization_schemes`` module.
-
-    Why: upstream resolves a plan's ``normalization_schemes`` by class name only among the modules of its own
-    ``preprocessing/normalization`` folder (``recursive_find_python_class``), in preprocessing and prediction workers
-    alike, and has no setting that lists other folders (as ``nnUNet_extTrainer`` does for trainers).
-    """
+    """Make ``BackboneNormalization`` an attribute of upstream's ``default_normalization_schemes`` module: upstream
+    finds schemes by name only in its own ``preprocessing/normalization`` folder, and no setting lists others."""
     default_normalization_schemes.BackboneNormalization = BackboneNormalization
 
 
 def list_trainer_folder() -> None:
-    """Append ``nnunetv2/vit/ext_trainers`` to ``nnUNet_extTrainer``, after the folders the user lists there.
-
-    Why: upstream finds trainers outside its own folder only in the folders this variable lists; set here, upstream's
-    commands (``nnUNetv2_predict``, ``nnUNetv2_find_best_configuration``) find nnUNetTrainer_vit without the user
-    setting it, and spawned processes inherit it.
-    """
+    """Append ``nnunetv2/vit/ext_trainers`` to ``nnUNet_extTrainer`` (after the user's folders), so upstream's
+    commands (``nnUNetv2_predict``, ``nnUNetv2_find_best_configuration``) and their workers find nnUNetTrainer_vit."""
     listed = [entry for entry in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if entry]
     if TRAINER_FOLDER not in listed:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([*listed, TRAINER_FOLDER])
 
 
 def find_trainer_class(name: str) -> type:
-    """The trainer class called ``name``: ``nnUNetTrainer_vit`` or an imported subclass of it, else the class that
-    upstream's ``recursive_find_trainer_class_by_name`` finds.
-
-    Why: before importing an ``nnUNet_extTrainer`` folder's modules, upstream's lookup reads ``__file__`` and
-    ``__path__`` of every module in ``sys.modules``. transformers 5.17 to 5.20 (5.20.2 is what uv.lock installs on
-    Python 3.10; 5.24 no longer does) keeps alias modules there that import their target on that read, so the lookup
-    fails ("dictionary changed size during iteration") in this package's commands, which have imported transformers
-    by then. Upstream's own commands look trainers up before importing it.
-    """
+    """``nnUNetTrainer_vit`` or an imported subclass called ``name``, else upstream's lookup. Why: upstream's lookup
+    reads ``__path__`` of every loaded module, which imports transformers 5.17-5.20's alias modules and fails
+    ("dictionary changed size during iteration") once transformers is imported, as in our commands."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
