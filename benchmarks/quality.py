@@ -18,10 +18,14 @@ prediction for each test case) is written next to the JSON after the family's la
   adds the detail path as the demo config has it (``model.decoder.detail_path: true``, its ``detail_channels``).
 - ``name=path/to/config.yaml``: any other config, trained with the same budget.
 
+``--repeats N`` trains every row N times (the U-Net too; augmentation is not seeded, so runs differ) and adds a
+table of each row's mean Dice over the repeats with its range; each repeat is compared with the U-Net of its own.
+
     .venv/bin/python benchmarks/quality.py                    # the demo, every row
     .venv/bin/python benchmarks/quality.py --families all     # every family, U-Net and detail rows (35 min, 2 cores)
     .venv/bin/python benchmarks/quality.py --families all --quick   # the U-Net and dpt_detail only
     .venv/bin/python benchmarks/quality.py --families cracks --rows unet dpt_detail mine=my.yaml
+    .venv/bin/python benchmarks/quality.py --quick --repeats 3     # the spread between runs
 
 Data and preprocessing live in ``--workdir`` (default ``benchmarks/results/quality``) and are reused;
 each run trains into a results folder of its own there. The table is printed and written as JSON
@@ -74,6 +78,12 @@ class Row:
     train_s: float = float("nan")
     dice: Dict[str, Dict[str, float]] = field(default_factory=dict)  # class name -> test case -> Dice
     error: str = ""
+    repeat: int = 0  # which of --repeats this is
+
+    @property
+    def run_name(self) -> str:
+        """The row's name for this repeat: its configuration, results and predictions folder, its line in a table."""
+        return self.name if self.repeat == 0 else f"{self.name}_r{self.repeat}"
 
     @staticmethod
     def mean(scores: Dict[str, float]) -> float:
@@ -132,9 +142,9 @@ def nnunet_folders(workdir: Path) -> Path:
 
 
 def train_unet(dataset: str, device: str, budget: Optional[Dict[str, int]] = None,
-               batch_size: Optional[int] = None) -> Path:
+               batch_size: Optional[int] = None, suffix: str = "") -> Path:
     """Upstream's trainer and 2D U-Net with only the budget (default ``BUDGET``) and, if given, the batch size
-    changed; returns the fold folder."""
+    changed; returns the fold folder (the trainer's name, ``nnUNetTrainer_budget<suffix>``, names its folder)."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed
@@ -155,7 +165,9 @@ def train_unet(dataset: str, device: str, budget: Optional[Dict[str, int]] = Non
     plans["continue_training"] = False  # what upstream's run_training passes its trainer
     if batch_size is not None:
         plans["configurations"]["2d"]["batch_size"] = batch_size
-    trainer = nnUNetTrainer_budget(plans, "2d", 0, load_json(str(folder / "dataset.json")), torch.device(device))
+    trainer_class = type(f"nnUNetTrainer_budget{suffix}", (nnUNetTrainer_budget,), {}) if suffix else \
+        nnUNetTrainer_budget
+    trainer = trainer_class(plans, "2d", 0, load_json(str(folder / "dataset.json")), torch.device(device))
     trainer.run_training()
     return Path(trainer.output_folder)
 
@@ -214,24 +226,26 @@ def predict_and_score(trainer_class: type, fold_folder: Path, dataset: Path, out
 
 
 def train_and_score(name: str, config: Optional[Path], dataset: Path, predictions: Path, device: str,
-                    labels: Dict[str, int]) -> Row:
-    """One row: train (the U-Net if ``config`` is None), predict the test split, score it. A row that fails (a bad
-    config, out of memory) keeps its error and the run goes on; a stop signal (SIGTERM, SIGUSR1) ends the run."""
+                    labels: Dict[str, int], repeat: int = 0) -> Row:
+    """One row (its ``repeat``-th run): train (the U-Net if ``config`` is None), predict the test split into
+    ``predictions/<run name>``, score it. A row that fails (a bad config, out of memory) keeps its error and the run
+    goes on; a stop signal (SIGTERM, SIGUSR1) ends the run."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     from nnunetv2.vit.errors import TrainingStopped
     from nnunetv2.vit.trainer import nnUNetTrainer_vit
 
-    row = Row(name, "upstream nnUNetTrainer" if config is None else str(config))
+    row = Row(name, "upstream nnUNetTrainer" if config is None else str(config), repeat=repeat)
+    suffix = row.run_name[len(name):]
     started = time.monotonic()
     try:
-        fold_folder = (train_unet(dataset.name, device) if config is None else
-                       train_vit(name, config, dataset.name, device))
+        fold_folder = (train_unet(dataset.name, device, suffix=suffix) if config is None else
+                       train_vit(row.run_name, config, dataset.name, device))
         row.train_s = time.monotonic() - started
-        predict_and_score(nnUNetTrainer if config is None else nnUNetTrainer_vit, fold_folder, dataset, predictions,
-                          device, row, labels)
+        predict_and_score(nnUNetTrainer if config is None else nnUNetTrainer_vit, fold_folder, dataset,
+                          predictions / row.run_name, device, row, labels)
     except TrainingStopped as stop:
-        raise SystemExit(f"quality.py: stopped in row {name} ({stop}); the rows before it are kept.") from None
+        raise SystemExit(f"quality.py: stopped in row {row.run_name} ({stop}); the rows before it are kept.") from None
     except Exception as err:  # one failing row must not lose the others
         row.error = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
     return row
@@ -249,28 +263,48 @@ def table(rows: List[Row], classes: List[str]) -> str:
              "|---|" + "---:|" * (len(classes) + 2) + "---|" * len(classes)]
     for row in rows:
         if row.error:
-            lines.append(f"| {row.name} |" + " |" * (len(classes) * 2 + 1) + f" failed: {row.error} |")
+            lines.append(f"| {row.run_name} |" + " |" * (len(classes) * 2 + 1) + f" failed: {row.error} |")
             continue
         means = " | ".join(f"{row.mean(row.dice.get(c, {})):.3f}" for c in classes)
         cases = " | ".join(" ".join(f"{v:.3f}" for v in row.dice.get(c, {}).values()) for c in classes)
-        lines.append(f"| {row.name} | {means} | {row.params / 1e6:.2f} | {row.train_s:.0f} | {cases} |")
+        lines.append(f"| {row.run_name} | {means} | {row.params / 1e6:.2f} | {row.train_s:.0f} | {cases} |")
+    return "\n".join(lines)
+
+
+def over_repeats(rows: List[Row], classes: List[str]) -> str:
+    """Markdown table of each row's mean Dice per class over its repeats, with the lowest and highest repeat, and
+    how many repeats finished."""
+    import numpy as np
+
+    names = list(dict.fromkeys(row.name for row in rows))
+    lines = ["| row | repeats | " + " | ".join(f"{c} Dice (min-max)" for c in classes) + " |",
+             "|---|---:|" + "---:|" * len(classes)]
+    for name in names:
+        done = [row for row in rows if row.name == name and not row.error]
+        cells = []
+        for c in classes:
+            means = [row.mean(row.dice[c]) for row in done]
+            cells.append(f"{np.mean(means):.3f} ({min(means):.3f}-{max(means):.3f})" if means else "")
+        total = sum(row.name == name for row in rows)
+        lines.append(f"| {name} | {len(done)}{f' of {total}' if len(done) < total else ''} | " + " | ".join(cells)
+                     + " |")
     return "\n".join(lines)
 
 
 def against_unet(rows: List[Row], classes: List[str]) -> str:
-    """Each row next to the ``unet`` row (the issue's target): its gap in mean Dice per class, and the test cases
-    where it falls below 0.5 while the U-Net is above 0.9."""
-    reference = next((r for r in rows if r.name == "unet" and not r.error), None)
-    if reference is None:
-        return ""
+    """Each row next to the ``unet`` row of its repeat (the issue's target): its gap in mean Dice per class, and the
+    test cases where it falls below 0.5 while the U-Net is above 0.9."""
+    references = {r.repeat: r for r in rows if r.name == "unet" and not r.error}
     lines = []
     for row in rows:
-        if row is reference or row.error:
+        reference = references.get(row.repeat)
+        if reference is None or row is reference or row.error:
             continue
         gaps = ", ".join(f"{c} {row.mean(row.dice[c]) - reference.mean(reference.dice[c]):+.3f}" for c in classes)
         failed = [f"{case} {c} {score:.3f} (unet {reference.dice[c][case]:.3f})" for c in classes
                   for case, score in row.dice[c].items() if score < 0.5 and reference.dice[c].get(case, 0.0) > 0.9]
-        lines.append(f"- {row.name} against unet: {gaps}; below 0.5 where unet > 0.9: {', '.join(failed) or 'none'}")
+        lines.append(f"- {row.run_name} against {reference.run_name}: {gaps}; below 0.5 where unet > 0.9: "
+                     f"{', '.join(failed) or 'none'}")
     return "\n".join(lines)
 
 
@@ -281,7 +315,7 @@ def write_panel(rows: List[Row], dataset: Path, predictions: Path, out_file: Pat
 
     from nnunetv2.vit.demo import save_panels
 
-    rows = [r for r in rows if not r.error]
+    rows = [r for r in rows if not r.error and r.repeat == 0]
     cases = sorted(p.stem for p in (dataset / "labelsTs").glob("*.png"))
     labelled = dict(cmap="viridis", vmin=0, vmax=max(labels.values()))
     lines = []
@@ -324,9 +358,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="data, preprocessing and results go here (reused between runs)")
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--markdown", default=None, help="also write the tables to this Markdown file")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train every row this many times and add a table of the means and ranges (default 1)")
     args = parser.parse_args(argv)
     if args.quick and args.rows:
         parser.error("--quick chooses the rows itself; give --rows or --quick, not both")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     families = list(FAMILY_DATASETS) if "all" in args.families else list(dict.fromkeys(args.families))
     specs = args.rows or list(QUICK_ROWS if args.quick else DEFAULT_ROWS if families == ["demo"] else DETAIL_ROWS)
     started_all = time.monotonic()  # the data and preprocessing (first run) count too
@@ -359,13 +397,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             preprocess([dataset_id], configurations=("2d",), num_processes=(int(os.environ["nnUNet_def_n_proc"]),))
         labels = foreground(json.loads((dataset / "dataset.json").read_text())["labels"])
         rows = results[family] = []
-        for name, config in planned:
-            print(f"\n=== {family} / {name}: training ({'upstream U-Net' if config is None else config})", flush=True)
-            row = train_and_score(name, config, dataset, run_dir / "predictions" / family / name, device, labels)
+        for repeat, (name, config) in ((r, row) for r in range(args.repeats) for row in planned):
+            label = f"{family} / {Row(name, '', repeat=repeat).run_name}"
+            print(f"\n=== {label}: training ({'upstream U-Net' if config is None else config})", flush=True)
+            row = train_and_score(name, config, dataset, run_dir / "predictions" / family, device, labels, repeat)
             rows.append(row)
             means = ", ".join(f"{c} {row.mean(row.dice.get(c, {})):.3f}" for c in labels)
-            print(f"=== {family} / {name}: Dice {means}, {row.train_s:.0f} s{' ' + row.error if row.error else ''}",
-                  flush=True)
+            print(f"=== {label}: Dice {means}, {row.train_s:.0f} s{' ' + row.error if row.error else ''}", flush=True)
             out_json.write_text(json.dumps({"device": device, "budget": BUDGET, "torch": torch.__version__,
                                             "total_s": round(time.monotonic() - started_all),
                                             "families": {f: [asdict(r) for r in rs] for f, rs in results.items()}},
@@ -375,7 +413,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                + "\n")
         if any(not row.error for row in rows):  # once per family: drawing every row's predictions takes seconds
             write_panel(rows, dataset, run_dir / "predictions" / family, run_dir / f"panel_{family}.png", labels)
-        tables.append(f"### {family}\n\n{table(rows, list(labels))}\n\n{against_unet(rows, list(labels))}".rstrip())
+        summary = f"\n\nOver {args.repeats} repeats:\n\n{over_repeats(rows, list(labels))}" if args.repeats > 1 else ""
+        tables.append(f"### {family}\n\n{table(rows, list(labels))}{summary}\n\n{against_unet(rows, list(labels))}"
+                      .rstrip())
         print("\n" + tables[-1], flush=True)
     print("\n" + "\n\n".join(tables))
     print(f"\nresults: {out_json} (panels: {run_dir}/panel_<family>.png; {time.monotonic() - started_all:.0f} s "

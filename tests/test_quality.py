@@ -91,6 +91,28 @@ def test_against_unet_gives_the_gaps_and_the_failed_cases():
     assert quality.against_unet(rows[1:], ["crack"]) == ""
 
 
+def test_repeats_are_compared_with_the_unet_of_their_own_repeat_and_summarised():
+    rows = [_row("unet", [0.9, 0.9], [0.9, 0.9]), _row("vit", [0.8, 0.8], [0.9, 0.9]),
+            _row("unet", [0.6, 0.6], [0.9, 0.9]), _row("vit", [0.7, 0.7], [0.2, 0.2]),
+            quality.Row("vit", "c.yaml", error="RuntimeError: boom", repeat=2)]
+    for row, repeat in zip(rows[2:4], (1, 1)):
+        row.repeat = repeat
+    assert [row.run_name for row in rows] == ["unet", "vit", "unet_r1", "vit_r1", "vit_r2"]
+    assert quality.against_unet(rows, ["crack", "blob"]).splitlines() == [
+        "- vit against unet: crack -0.100, blob +0.000; below 0.5 where unet > 0.9: none",
+        "- vit_r1 against unet_r1: crack +0.100, blob -0.700; below 0.5 where unet > 0.9: none"]
+    assert quality.over_repeats(rows, ["crack", "blob"]).splitlines()[2:] == [
+        "| unet | 2 | 0.750 (0.600-0.900) | 0.900 (0.900-0.900) |",
+        "| vit | 2 of 3 | 0.750 (0.700-0.800) | 0.550 (0.200-0.900) |"]
+    assert "vit_r2 |" in quality.table(rows, ["crack", "blob"])
+
+
+def test_repeats_below_one_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        quality.main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
 def test_the_reference_unet_rows_get_a_predictor(nnunet_env):
     """The benchmarks predict upstream's U-Net (plans without a ViT config, trained by a trainer of theirs) with
     ``predictor_from_trained_model`` and ``nnUNetTrainer``, as they predict the ViT rows."""
