@@ -91,12 +91,15 @@ def two_nodes(nnunet_env, tmp_path):
             # Each "node" on cores of its own, as on two machines: two processes that each use every core of a
             # 2-core machine ran 3x slower (torch's threads stalling each other).
             own = {cores[node % len(cores)]} if machines == 2 else set(cores)
+            # The first "node" hosts the rendezvous store, as the machine named in --rdzv_endpoint does on a cluster.
+            # Left to chance (both are localhost), the node whose process a test kills could host it: its torchrun
+            # exits and takes the store with it, and the survivor's torchrun then fails instead of its process.
+            host = ["--rdzv_conf", f"is_host={int(node == 0)}"] if machines == 2 else []
             nodes.append(subprocess.Popen(
                 [TORCHRUN, "--nnodes", str(machines), "--nproc_per_node", str(3 - machines), "--rdzv_backend", "c10d",
-                 "--rdzv_endpoint",
-                 f"127.0.0.1:{port}", "--rdzv_id", run_id, "--max-restarts", str(max_restarts), "--monitor-interval",
-                 "0.5", "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0", "--config", str(config), "-tr", TRAINER,
-                 "-device", "cpu", *args],
+                 "--rdzv_endpoint", f"127.0.0.1:{port}", *host, "--rdzv_id", run_id, "--max-restarts",
+                 str(max_restarts), "--monitor-interval", "0.5", "nnUNetv2_train_vit.py", str(DATASET_ID), "2d", "0",
+                 "--config", str(config), "-tr", TRAINER, "-device", "cpu", *args],
                 env=dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore",
                          OMP_NUM_THREADS="1", nnUNet_extTrainer=str(tmp_path / "trainers"), PROBE_DIR=str(probe),
                          **env),
@@ -201,7 +204,8 @@ def test_killed_process_without_restarts_ends_the_other_with_one_line(two_nodes)
                       if index not in ended and node.poll() is not None})
         time.sleep(0.2)
     outputs = [output for _, output in finish(nodes, timeout=1)]
-    survivor = next(index for index, output in enumerate(outputs) if "rank      : 0 " in output)
+    survivor = next((index for index, output in enumerate(outputs) if "rank      : 0 " in output), None)
+    assert survivor is not None, outputs[0][-3000:] + outputs[1][-3000:]
     assert ended[survivor] - float((probe / "signalled_at").read_text()) < 60
     lines = [line for line in outputs[survivor].splitlines() if line.startswith("nnUNetv2_train_vit.py: error:")]
     assert len(lines) == 1, outputs[survivor][-3000:]
