@@ -140,3 +140,13 @@ def test_killed_planner_leaves_no_process_and_preprocesses_no_further(nnunet_env
     kill_midway_and_check(argv, env, lambda: written() > 0, killed=lambda: at_kill.append(written()), grace_s=3)
     # Its worker used to go on with the cases already handed to it (a dozen here) for seconds.
     assert written() <= at_kill[0] + 1 < len(originals) + 300
+
+
+@pytest.mark.parametrize("script", sorted(REPO.glob("nnUNetv2_*_vit.py")), ids=lambda path: path.name)
+def test_spawned_workers_do_not_import_the_command_again(script):
+    """Upstream's worker pools (validation export, metrics, prediction) spawn their processes, and each runs the
+    command's script again as ``__mp_main__``: there it imports nothing (the ViT stack cost seconds per worker)."""
+    code = (f"import runpy, sys; runpy.run_path({str(script)!r}, run_name='__mp_main__'); "
+            f"print(sorted(name for name in sys.modules if name.startswith(('nnunetv2', 'torch'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout[-2000:] + result.stderr[-2000:]
