@@ -427,6 +427,13 @@ def test_training_from_pretrained_weights_downloads_nothing(nnunet_env, tmp_path
             / "checkpoint_final.pth").is_file()
 
 
+def test_cpu_threads_follow_the_cores_the_process_may_use(monkeypatch, cpu_command):
+    """-device cpu: one thread per core of the process's affinity (SLURM's --cpus-per-task, taskset), not per core of
+    the machine, whose threads would stall each other at every barrier."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    assert cli.get_device("cpu") == torch.device("cpu") and torch.get_num_threads() == 3
+
+
 def test_3d_configuration_is_refused_by_the_trainer(nnunet_env):
     _, plans, dataset_json = train_cli.load_plans(str(DATASET_ID), "nnUNetPlans", "2d")
     plans["configurations"]["3d_fullres"] = {**plans["configurations"]["2d"], "patch_size": [32, 32, 32],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import multiprocessing
+import os
 import sys
 from typing import Callable
 
@@ -23,14 +23,20 @@ def dataset_name(dataset_name_or_id: str) -> str:
         raise ConfigError(f"Dataset '{dataset_name_or_id}' not found: {err}") from err
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (SLURM's --cpus-per-task, taskset, a container's cpuset), not the machine's:
+    threads beyond them stall each other at every barrier."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def get_device(name: str) -> torch.device:
-    """Upstream's -device handling: thread settings as nnUNetv2_train/predict make them."""
+    """Upstream's -device handling (one thread per usable core on the CPU, one with CUDA)."""
     if name not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"-device must be cpu, cuda or mps, got '{name}'.")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("-device cuda was requested but no CUDA GPU is available; pass -device cpu.")
     if name == "cpu":
-        torch.set_num_threads(multiprocessing.cpu_count())
+        torch.set_num_threads(usable_cores())
     elif name == "cuda":
         torch.set_num_threads(1)
         torch.set_num_interop_threads(1)

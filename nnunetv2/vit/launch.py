@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, get_device
+from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, get_device, usable_cores
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.preemption import STOP_SIGNALS
 
@@ -65,7 +65,7 @@ def init_distributed(args: argparse.Namespace) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:  # the cores this process may use (SLURM's --cpus-per-task, taskset), shared by this machine's processes
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world_size))
+        torch.set_num_threads(max(1, usable_cores() // local_world_size))
     # torchrun's store outlives its restarts (--max-restarts) with the keys of the start before: with env:// the
     # restarted processes' gloo/NCCL handshake read those and hung. Every process of every start counts itself in,
     # so the n-th WORLD_SIZE arrivals are start n, whose keys get a prefix of their own. (TORCHELASTIC_RESTART_COUNT
