@@ -27,6 +27,11 @@ DATASET_ID = 987
 # One intra-op thread: the test machines have 2 cores shared with other work, and with the cores
 # oversubscribed torch's 2-thread kernels ran 20-30x slower (threads stalling at barriers) than one.
 torch.set_num_threads(1)
+# Under pytest-xdist, each worker on a core of its own. What its tests start inherits the core, and the commands take
+# as many threads as they have cores (cli.usable_cores): one, never two workers' threads on one core.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw") and hasattr(os, "sched_setaffinity"):
+    _cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"][2:]) % len(_cores)]})
 
 
 @pytest.fixture(autouse=True)
