@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import io
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch._dynamo import OptimizedModule
@@ -77,94 +75,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclasses.dataclass
-class TrainedModel:
-    """What prediction needs of a trained model folder, each file read once."""
-    folder: Path
-    plans: dict
-    dataset_json: dict
-    checkpoints: List[dict]  # one per fold, tensors memory-mapped: paged in when the predictor loads them
+def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence[Union[int, str]] = (0,),
+                                 checkpoint_name: str = "checkpoint_final.pth", trust_checkpoint: bool = False,
+                                 configuration: Optional[str] = None, trainer_class: Optional[type] = None,
+                                 **options: Any) -> nnUNetPredictor:
+    """Upstream's ``nnUNetPredictor(**options)`` (quiet by default) set up through ``manual_initialization`` for a
+    trained model folder, each checkpoint read once and as data (unless ``trust_checkpoint``). A missing checkpoint,
+    or one of another model than the folder's plans hold for ``configuration`` (default: the first checkpoint's), is
+    refused. ``trainer_class`` builds the network (default: the checkpoints' trainer); one not derived from
+    nnUNetTrainer_vit (the benchmarks' U-Net) skips the ViT checks. A compiled network's first tile logs its compile."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    from nnunetv2.vit.trained_model import network_weights, read_training_checkpoint, require_same_model, stored_config
+    from nnunetv2.vit.trainer import nnUNetTrainer_vit
+    from nnunetv2.vit.upstream_adapter import find_trainer_class
 
-def read_trained_model(folder: Union[str, Path], folds: Sequence[Union[int, str]],
-                       checkpoint_name: str = "checkpoint_final.pth", trust: bool = False,
-                       configuration: Optional[str] = None, vit: bool = True) -> TrainedModel:
-    """Read a trained model folder, refusing a missing checkpoint, one of another model or one that is more than data
-    (unless ``trust``). ``configuration`` defaults to the first checkpoint's; ``vit`` false skips the ViT checks (the
-    benchmarks' U-Net)."""
-    from nnunetv2.vit.config import ViTConfig
-    from nnunetv2.vit.trained_model import read_training_checkpoint, require_same_model, stored_config
-
-    folder = Path(folder)
+    folder = Path(model_folder)
     plans_file = folder / "plans.json"
     if not plans_file.is_file():
         raise ConfigError(f"No trained model in {folder} (check -d, -tr, -p and -c).")
     plans = load_json(str(plans_file))
-
-    def planned_config(name: str) -> ViTConfig:
-        config = stored_config(plans, name)
-        if config is None:
-            raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{name}'.")
-        return config
-
-    config = None if configuration is None or not vit else planned_config(configuration)
+    vit = trainer_class is None or issubclass(trainer_class, nnUNetTrainer_vit)
     checkpoints = []
     for fold in folds:
         checkpoint_file = folder / f"fold_{fold}" / checkpoint_name
         if not checkpoint_file.is_file():
             raise ConfigError(f"Checkpoint {checkpoint_file} not found; pass the trained folds with -f "
                               f"(e.g. -f 0) or another checkpoint with -chk.")
-        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust)
+        checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust_checkpoint)
+        configuration = configuration or checkpoint["init_args"]["configuration"]
         if vit:
+            config = stored_config(plans, configuration)
             if config is None:
-                configuration = checkpoint["init_args"]["configuration"]
-                config = planned_config(configuration)
+                raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{configuration}'.")
             require_same_model(stored_config(checkpoint, configuration), config, str(checkpoint_file),
                                str(plans_file))
         checkpoints.append(checkpoint)
-    return TrainedModel(folder, plans, load_json(str(folder / "dataset.json")), checkpoints)
 
-
-def initialize_predictor(predictor: nnUNetPredictor, model: TrainedModel, trainer_class: Optional[type] = None) -> None:
-    """Upstream's ``manual_initialization`` with the checkpoints' trainer's network and weights; a compiled network's
-    first tile logs its compile time."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunetv2.vit.trained_model import network_weights
-    from nnunetv2.vit.upstream_adapter import find_trainer_class
-
-    first = model.checkpoints[0]
-    plans_manager = PlansManager(model.plans)
-    configuration_manager = plans_manager.get_configuration(first["init_args"]["configuration"])
+    first = checkpoints[0]
+    dataset_json = load_json(str(folder / "dataset.json"))
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
     trainer_class = trainer_class or find_trainer_class(first["trainer_name"])
     network = trainer_class.build_network_architecture(
         plans_manager, configuration_manager,
-        determine_num_input_channels(plans_manager, configuration_manager, model.dataset_json),
-        plans_manager.get_label_manager(model.dataset_json).num_segmentation_heads, enable_deep_supervision=False)
-    parameters = [network_weights(checkpoint) for checkpoint in model.checkpoints]
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
+    parameters = [network_weights(checkpoint) for checkpoint in checkpoints]
     network.load_state_dict(parameters[0])  # as upstream's initialize_from_trained_model_folder
-    predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, model.dataset_json,
+    predictor = nnUNetPredictor(**{"verbose": False, "verbose_preprocessing": False, "allow_tqdm": False, **options})
+    predictor.manual_initialization(network, plans_manager, configuration_manager, parameters, dataset_json,
                                     first["trainer_name"], first.get("inference_allowed_mirroring_axes"))
     if isinstance(predictor.network, OptimizedModule):
         patch = tuple(configuration_manager.patch_size)
         CompileLog(print, forward_warnings=False).first_forward(
             predictor.network, "prediction tile", f"sliding window, 1 x {patch}", predictor.device)
-
-
-def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence[Union[int, str]] = (0,),
-                                 device: torch.device = torch.device("cuda"),
-                                 checkpoint_name: str = "checkpoint_final.pth",
-                                 trainer_class: Optional[type] = None,
-                                 trust_checkpoint: bool = False) -> nnUNetPredictor:
-    """A quiet predictor with upstream's defaults for a trained model folder; ``trainer_class`` builds the network
-    (default: the checkpoints'), and one not derived from nnUNetTrainer_vit skips the ViT checks."""
-    from nnunetv2.vit.trainer import nnUNetTrainer_vit
-
-    vit = trainer_class is None or issubclass(trainer_class, nnUNetTrainer_vit)
-    model = read_trained_model(model_folder, folds, checkpoint_name, trust_checkpoint, vit=vit)
-    predictor = nnUNetPredictor(device=device, verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    initialize_predictor(predictor, model, trainer_class)
     return predictor
 
 
@@ -219,23 +185,17 @@ def check_input_images(folder: Path, dataset_json: dict, reader) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     """Check the command, the model and the inputs, then predict as ``nnUNetv2_predict`` does."""
-    from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     if not 0 <= args.part_id < args.num_parts:
         raise ConfigError(f"-part_id {args.part_id} is not one of the -num_parts {args.num_parts} parts: pass "
                           f"-part_id 0 to {args.num_parts - 1}.")
-    device = get_device(args.device)
-    model = read_trained_model(get_output_folder(dataset_name(args.d), args.tr, args.p, args.c), args.f, args.chk,
-                               args.trust_checkpoint, args.c)
-    reader = recursive_find_reader_writer_by_name(model.plans["image_reader_writer"])()
-    check_input_images(Path(args.i), model.dataset_json, reader)
-
-    predictor = nnUNetPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
-                                perform_everything_on_device=not args.not_on_device, device=device,
-                                verbose=args.verbose, verbose_preprocessing=args.verbose,
-                                allow_tqdm=not args.disable_progress_bar)
-    initialize_predictor(predictor, model)
+    predictor = predictor_from_trained_model(
+        get_output_folder(dataset_name(args.d), args.tr, args.p, args.c), args.f, args.chk, args.trust_checkpoint,
+        args.c, tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
+        perform_everything_on_device=not args.not_on_device, device=get_device(args.device), verbose=args.verbose,
+        verbose_preprocessing=args.verbose, allow_tqdm=not args.disable_progress_bar)
+    check_input_images(Path(args.i), predictor.dataset_json, predictor.plans_manager.image_reader_writer_class())
     os.makedirs(args.o, exist_ok=True)  # upstream's sequential prediction does not make it
     if args.npp == 0 and args.nps == 0:  # upstream's switch to predicting in this process only
         predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
