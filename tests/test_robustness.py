@@ -272,8 +272,7 @@ def test_resume_skips_an_unreadable_checkpoint(nnunet_env, capsys):
     trainer.save_checkpoint(os.path.join(folder, "checkpoint_latest.pth"))
     with open(os.path.join(folder, "checkpoint_final.pth"), "wb") as f:
         f.write(b"PK\x03\x04 truncated")
-    path, checkpoint = train_cli.first_readable_checkpoint(
-        __import__("pathlib").Path(folder), train_cli.CHECKPOINT_PREFERENCE)
+    path, checkpoint = train_cli.find_resume(SimpleNamespace(c=True, val=False, trust_checkpoint=False), Path(folder))
     assert path.name == "checkpoint_latest.pth" and checkpoint["current_epoch"] == 3
     assert "checkpoint_final.pth" in capsys.readouterr().out
 

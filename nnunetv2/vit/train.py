@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -152,19 +152,6 @@ def results_folder(dataset: str, trainer: str, plans_identifier: str, configurat
     if not nnUNet_results.is_set():
         raise ConfigError("nnUNet_results is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
     return Path(get_output_folder(dataset, trainer, plans_identifier, configuration, fold))
-
-
-def first_readable_checkpoint(fold_folder: Path, names: Sequence[str],
-                              trust: bool = False) -> Optional[Tuple[Path, dict]]:
-    """The first of ``names`` in the fold folder that loads; unreadable ones are reported and skipped."""
-    for name in names:
-        path = fold_folder / name
-        if path.is_file():
-            try:
-                return path, read_training_checkpoint(str(path), trust=trust)
-            except CheckpointReadError as err:
-                print(f"WARNING: {err} Trying the previous checkpoint.")
-    return None
 
 
 def resolve_config(args: argparse.Namespace, requested: Optional[ViTConfig], stored: Optional[ViTConfig],
@@ -330,21 +317,26 @@ def prepare(args: argparse.Namespace) -> Tuple[dict, dict, Path]:
 
 
 def find_resume(args: argparse.Namespace, fold_folder: Path) -> Optional[Tuple[Path, dict]]:
-    """The checkpoint --val validates or --c continues from (None: --c starts a new training)."""
-    if args.val:
-        found = first_readable_checkpoint(fold_folder, ["checkpoint_final.pth"], args.trust_checkpoint)
-        if found is None:
-            raise ConfigError(f"Cannot run validation: no readable checkpoint_final.pth in {fold_folder} "
-                              f"(training not finished?).")
-        return found
-    if not args.c:
+    """The checkpoint --val validates or --c continues from: the first of them that loads (an unreadable one is
+    reported and skipped). None: a new training."""
+    if not (args.c or args.val):
         return None
-    found = first_readable_checkpoint(fold_folder, CHECKPOINT_PREFERENCE, args.trust_checkpoint)
-    if found is None:
-        print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
-    else:
-        print(f"Continuing from {found[0]}")
-    return found
+    for name in ["checkpoint_final.pth"] if args.val else CHECKPOINT_PREFERENCE:
+        path = fold_folder / name
+        if path.is_file():
+            try:
+                checkpoint = read_training_checkpoint(str(path), trust=args.trust_checkpoint)
+            except CheckpointReadError as err:
+                print(f"WARNING: {err} Trying the previous checkpoint.")
+                continue
+            if args.c:
+                print(f"Continuing from {path}")
+            return path, checkpoint
+    if args.val:
+        raise ConfigError(f"Cannot run validation: no readable checkpoint_final.pth in {fold_folder} "
+                          f"(training not finished?).")
+    print(f"WARNING: no checkpoint to continue from in {fold_folder}; starting a new training.")
+    return None
 
 
 def run(args: argparse.Namespace) -> None:
