@@ -46,16 +46,11 @@ def get_device(name: str) -> torch.device:
 USER_ERROR_EXIT_CODE = 2
 
 
-def exit_with_user_error(prog: str, message: str) -> None:
-    """Print ``prog: error: message`` and exit with the user-error code."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT_CODE)
-
-
 def run_main(prog: str, main: Callable[[], None]) -> None:
     """Run a command; user errors become one ``prog: error: ...`` line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main()
     except USER_ERRORS as err:
-        exit_with_user_error(prog, str(err))
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

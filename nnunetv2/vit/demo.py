@@ -9,11 +9,11 @@ PNG panel. Every step is skipped when its result already exists.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import yaml
@@ -23,8 +23,6 @@ DATASET_ID = 999
 DATASET_NAME = "DemoFundus"
 DEFAULT_CONFIG = REPO / "nnunetv2" / "configs" / "dpt_demo.yaml"
 VESSEL, DISC = 1, 2
-
-_logger = logging.getLogger("nnunetv2.vit.demo")
 
 
 def setup_paths(base: Path) -> Dict[str, Path]:
@@ -37,22 +35,13 @@ def setup_paths(base: Path) -> Dict[str, Path]:
     return paths
 
 
-class Steps:
-    """Prints each step's header and, when the next one starts (or ``done()``), how long the last one took."""
-
-    def __init__(self) -> None:
-        self.current: Optional[str] = None
-        self.started = 0.0
-
-    def __call__(self, message: str) -> None:
-        self.done()
-        print(f"\n=== {message}", flush=True)
-        self.current, self.started = message.split()[0], time.monotonic()
-
-    def done(self) -> None:
-        if self.current is not None:
-            print(f"=== step {self.current} took {time.monotonic() - self.started:.1f} s", flush=True)
-        self.current = None
+@contextlib.contextmanager
+def step(message: str) -> Iterator[None]:
+    """Print a step's header, and after it how long it took."""
+    print(f"\n=== {message}", flush=True)
+    started = time.monotonic()
+    yield
+    print(f"=== step {message.split()[0]} took {time.monotonic() - started:.1f} s", flush=True)
 
 
 def plan(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
@@ -140,62 +129,60 @@ def run(args: argparse.Namespace) -> None:
     from nnunetv2.vit.demo_data import write_demo_dataset
     from nnunetv2.vit.errors import ConfigError
 
-    step = Steps()
-    step("1/5 demo dataset")
-    try:
-        dataset = write_demo_dataset(paths["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_train=args.num_train,
-                                     num_test=args.num_test, size=args.size)
-    except FileExistsError as err:  # another dataset with the demo's id, or the demo's with other settings
-        raise ConfigError(str(err)) from err
-    print(dataset)
+    with step("1/5 demo dataset"):
+        try:
+            dataset = write_demo_dataset(paths["nnUNet_raw"], DATASET_ID, DATASET_NAME, num_train=args.num_train,
+                                         num_test=args.num_test, size=args.size)
+        except FileExistsError as err:  # another dataset with the demo's id, or the demo's with other settings
+            raise ConfigError(str(err)) from err
+        print(dataset)
 
     from nnunetv2.vit import plan as plan_cli
 
-    step("2/5 plan: nnU-Net's fingerprint and 2d plan, then the ViT's (nnUNetv2_plan_vit.py), and preprocess")
-    plan(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
-    config_file = demo_config(Path(args.config), args.pretrained, output)
-    configuration = plan_cli.default_configuration_name(str(config_file))
-    plan_cli.run(plan_cli.build_parser().parse_args(
-        [str(DATASET_ID), "--config", str(config_file), "-c", configuration,
-         "-np", os.environ["nnUNet_def_n_proc"]]))
+    with step("2/5 plan: nnU-Net's fingerprint and 2d plan, then the ViT's (nnUNetv2_plan_vit.py), and preprocess"):
+        plan(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
+        config_file = demo_config(Path(args.config), args.pretrained, output)
+        configuration = plan_cli.default_configuration_name(str(config_file))
+        plan_cli.run(plan_cli.build_parser().parse_args(
+            [str(DATASET_ID), "--config", str(config_file), "-c", configuration,
+             "-np", os.environ["nnUNet_def_n_proc"]]))
 
     from nnunetv2.vit.config import load_config
+    from nnunetv2.vit.predict import predictor_from_trained_model
     from nnunetv2.vit.trained_model import require_same_model, stored_config
     from nnunetv2.vit.train import build_parser, results_folder, run as run_training
 
-    step(f"3/5 train DPT on {configuration} (nnUNetv2_train_vit.py)")
-    fold_folder = results_folder(dataset.name, "nnUNetTrainer_vit", "nnUNetPlans", configuration, "0")
-    if (fold_folder / "checkpoint_final.pth").is_file():
-        require_same_model(stored_config(fold_folder.parent / "plans.json", configuration), load_config(config_file),
-                           str(fold_folder.parent), str(config_file), "Delete that folder to retrain the demo.")
-        print(f"already trained: {fold_folder / 'checkpoint_final.pth'}")
-    else:
-        train_args = [str(DATASET_ID), configuration, "0", "--config", str(config_file), "-device", device]
-        if (fold_folder / "checkpoint_latest.pth").is_file():
-            train_args.append("--c")
-        run_training(build_parser().parse_args(train_args))
+    with step(f"3/5 train DPT on {configuration} (nnUNetv2_train_vit.py)"):
+        fold_folder = results_folder(dataset.name, "nnUNetTrainer_vit", "nnUNetPlans", configuration, "0")
+        if (fold_folder / "checkpoint_final.pth").is_file():
+            require_same_model(stored_config(fold_folder.parent / "plans.json", configuration),
+                               load_config(config_file), str(fold_folder.parent), str(config_file),
+                               "Delete that folder to retrain the demo.")
+            print(f"already trained: {fold_folder / 'checkpoint_final.pth'}")
+        else:
+            train_args = [str(DATASET_ID), configuration, "0", "--config", str(config_file), "-device", device]
+            if (fold_folder / "checkpoint_latest.pth").is_file():
+                train_args.append("--c")
+            run_training(build_parser().parse_args(train_args))
 
-    step("4/5 predict the test split (nnU-Net predictor)")
-    from nnunetv2.vit.predict import predictor_from_trained_model
+    with step("4/5 predict the test split (nnU-Net predictor)"):
+        predictions = output / "predictions"
+        predictor = predictor_from_trained_model(fold_folder.parent, folds=(0,), device=torch.device(device))
+        predictor.predict_from_files(str(dataset / "imagesTs"), str(predictions), save_probabilities=False,
+                                     overwrite=True, num_processes_preprocessing=1,
+                                     num_processes_segmentation_export=1)
 
-    predictions = output / "predictions"
-    predictor = predictor_from_trained_model(fold_folder.parent, folds=(0,), device=torch.device(device))
-    predictor.predict_from_files(str(dataset / "imagesTs"), str(predictions), save_probabilities=False,
-                                 overwrite=True, num_processes_preprocessing=1, num_processes_segmentation_export=1)
-
-    step("5/5 vessel Dice on the test split")
     from PIL import Image
 
-    scores = {}
-    for label_file in sorted((dataset / "labelsTs").glob("*.png")):
-        case = label_file.name[:-4]
-        reference = np.asarray(Image.open(label_file))
-        prediction = np.asarray(Image.open(predictions / label_file.name))
-        scores[case] = dice(reference, prediction, VESSEL)
-        print(f"  {case}: vessel Dice {scores[case]:.3f}   optic disc Dice {dice(reference, prediction, DISC):.3f}")
-    print(f"mean vessel Dice: {np.nanmean(list(scores.values())):.3f} over {len(scores)} test cases")
-
-    step.done()
+    with step("5/5 vessel Dice on the test split"):
+        scores = {}
+        for label_file in sorted((dataset / "labelsTs").glob("*.png")):
+            case = label_file.name[:-4]
+            reference = np.asarray(Image.open(label_file))
+            prediction = np.asarray(Image.open(predictions / label_file.name))
+            scores[case] = dice(reference, prediction, VESSEL)
+            print(f"  {case}: vessel Dice {scores[case]:.3f}   optic disc Dice {dice(reference, prediction, DISC):.3f}")
+        print(f"mean vessel Dice: {np.nanmean(list(scores.values())):.3f} over {len(scores)} test cases")
 
     panel = output / "demo_panel.png"
     write_panel(sorted(scores)[:3], dataset, predictions, panel, scores)

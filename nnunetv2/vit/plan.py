@@ -288,11 +288,6 @@ def resolve_normalization(plans: dict, configuration: str, config: ViTConfig, da
     return dataclasses.replace(config, model=dataclasses.replace(model, normalization=used)), note
 
 
-def data_is_complete(folder: Path, cases: Sequence[str]) -> bool:
-    """Whether upstream's preprocessing wrote every case (its properties file is written last)."""
-    return folder.is_dir() and all((folder / f"{case}.pkl").is_file() for case in cases)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -344,7 +339,7 @@ def run(args: argparse.Namespace) -> None:
     data_folder = folder / PlansManager(plans).get_configuration(name).data_identifier
     if args.no_pp:
         print("Not preprocessed (--no_pp): run this command again without --no_pp before training.")
-    elif data_is_complete(data_folder, list(planner.dataset)):
+    elif all((data_folder / f"{case}.pkl").is_file() for case in planner.dataset):  # upstream writes it last
         print(f"Preprocessed data already there: {data_folder}")
     else:
         preprocess_dataset(convert_dataset_name_to_id(dataset), args.p, (name,), (args.np or default_num_processes,))

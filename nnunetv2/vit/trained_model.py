@@ -57,26 +57,20 @@ def required_config(configuration: ConfigurationManager) -> ViTConfig:
     return ViTConfig.from_stored(stored)
 
 
-def same_model(a: ViTConfig, b: ViTConfig) -> bool:
-    """Whether two configs describe the same network architecture (weights sources may differ)."""
-    def architecture(config: ViTConfig) -> tuple:
-        model = {k: v for k, v in dataclasses.asdict(config.model).items() if k not in WEIGHT_SOURCES}
-        return model, config.lora
-    return architecture(a) == architecture(b)
-
-
-def describe_model(config: ViTConfig) -> str:
-    model = config.model
-    lora = " + LoRA" if config.lora.enabled else ""
-    return f"{model.model_path}, {model.backbone} {model.backbone_size}, decoder {model.decoder}{lora}"
-
-
 def require_same_model(stored: Optional[ViTConfig], config: ViTConfig, holder: str, other: str,
                        fix: str = "") -> None:
-    """Refuse to mix models: ``holder`` (a folder or file) holds ``stored``, ``other`` asks for ``config``."""
-    if stored is not None and not same_model(stored, config):
-        raise ConfigError(f"{holder} holds a model trained with a different config ({describe_model(stored)}) than "
-                          f"{other} ({describe_model(config)}).{' ' + fix if fix else ''}")
+    """Refuse to mix models: ``holder`` (a folder or file) holds ``stored``, ``other`` asks for ``config``; they may
+    differ only in where the weights come from."""
+    def architecture(c: ViTConfig) -> tuple:
+        return {k: v for k, v in dataclasses.asdict(c.model).items() if k not in WEIGHT_SOURCES}, c.lora
+
+    def described(c: ViTConfig) -> str:
+        return (f"{c.model.model_path}, {c.model.backbone} {c.model.backbone_size}, decoder {c.model.decoder}"
+                f"{' + LoRA' if c.lora.enabled else ''}")
+
+    if stored is not None and architecture(stored) != architecture(config):
+        raise ConfigError(f"{holder} holds a model trained with a different config ({described(stored)}) than "
+                          f"{other} ({described(config)}).{' ' + fix if fix else ''}")
 
 
 def read_training_checkpoint(path: Union[str, Path], mmap: bool = False, trust: bool = False) -> dict:

@@ -17,19 +17,10 @@ TRAINER_FOLDER = os.path.join(os.path.dirname(__file__), "ext_trainers")  # what
 
 def adapt_upstream() -> None:
     """Let upstream find this package's normalization scheme and trainer by the names plans and commands give."""
-    register_normalization()
-    list_trainer_folder()
-
-
-def register_normalization() -> None:
-    """Make ``BackboneNormalization`` an attribute of upstream's ``default_normalization_schemes`` module: upstream
-    finds schemes by name only in its own ``preprocessing/normalization`` folder, and no setting lists others."""
+    # Upstream finds schemes by name only in its own default_normalization_schemes module; no setting lists others.
     default_normalization_schemes.BackboneNormalization = BackboneNormalization
-
-
-def list_trainer_folder() -> None:
-    """Append ``nnunetv2/vit/ext_trainers`` to ``nnUNet_extTrainer`` (after the user's folders), so upstream's
-    commands (``nnUNetv2_predict``, ``nnUNetv2_find_best_configuration``) and their workers find nnUNetTrainer_vit."""
+    # Upstream's commands (nnUNetv2_predict, nnUNetv2_find_best_configuration) and their workers look for trainers in
+    # nnUNet_extTrainer too: ext_trainers goes after the user's folders.
     listed = [entry for entry in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if entry]
     if TRAINER_FOLDER not in listed:
         os.environ["nnUNet_extTrainer"] = os.pathsep.join([*listed, TRAINER_FOLDER])
