@@ -154,19 +154,24 @@ def results_folder(dataset: str, trainer: str, plans_identifier: str, configurat
     return Path(get_output_folder(dataset, trainer, plans_identifier, configuration, fold))
 
 
-def resolve_config(args: argparse.Namespace, requested: Optional[ViTConfig], stored: Optional[ViTConfig],
+def resolve_config(args: argparse.Namespace, requested: Optional[ViTConfig], plans: dict,
                    fold_folder: Path) -> ViTConfig:
-    """The config to train with: the YAML file's, or for --c/--val the one stored with the results."""
-    if requested is None:
-        if stored is None or not (args.c or args.val):
-            raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
-                              + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
-        return stored
-    name = default_configuration_name(args.config)
-    example = f", e.g. '{name}' instead of '{args.configuration}'" if name != args.configuration else ""
-    require_same_model(stored, requested, str(fold_folder.parent), f"--config {args.config}",
-                       f"Give this model its own configuration name{example}, or use the same config.")
-    return requested
+    """The config to train with, its normalization resolved on the plan (and said): the YAML file's, which must
+    describe the model already in the results folder, or for --c/--val the one stored there."""
+    stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
+    if requested is None and (stored is None or not (args.c or args.val)):
+        raise ConfigError("--config is required (e.g. --config nnunetv2/configs/dpt.yaml)"
+                          + (f"; nothing to continue in {fold_folder}." if args.c or args.val else "."))
+    # 'auto' is resolved before the comparison: a stored config holds the normalization it trained with.
+    config, note = resolve_normalization(plans, args.configuration, stored if requested is None else requested,
+                                         args.dataset_name_or_id, args.config or "CONFIG.yaml")
+    print(note)
+    if requested is not None:
+        name = default_configuration_name(args.config)
+        example = f", e.g. '{name}' instead of '{args.configuration}'" if name != args.configuration else ""
+        require_same_model(stored, config, str(fold_folder.parent), f"--config {args.config}",
+                           f"Give this model its own configuration name{example}, or use the same config.")
+    return config
 
 
 def check_writable(folder: Path) -> None:
@@ -299,15 +304,7 @@ def prepare(args: argparse.Namespace) -> Tuple[dict, dict, Path]:
     requested = load_config(args.config) if args.config else None
     dataset, plans, dataset_json = load_plans(args.dataset_name_or_id, args.p, args.configuration)
     fold_folder = results_folder(dataset, args.tr, args.p, args.configuration, args.fold)
-    stored = stored_config(fold_folder.parent / "plans.json", args.configuration)
-    if requested is not None:  # 'auto' resolved first: a stored config holds the normalization it trained with
-        requested, note = resolve_normalization(plans, args.configuration, requested, args.dataset_name_or_id,
-                                                args.config)
-    config = resolve_config(args, requested, stored, fold_folder)
-    if requested is None:
-        config, note = resolve_normalization(plans, args.configuration, config, args.dataset_name_or_id,
-                                             "CONFIG.yaml")
-    print(note)
+    config = resolve_config(args, requested, plans, fold_folder)
     require_preprocessed(args, dataset, plans)
     if not (args.c or args.val):  # a resumed training passed this check when it started
         check_label_values(dataset, plans, dataset_json)
