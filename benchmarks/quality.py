@@ -137,7 +137,9 @@ def nnunet_folders(workdir: Path) -> Path:
                       ("nnUNet_results", run_dir / "nnUNet_results")):
         os.environ[var] = str(path)
         path.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+    from nnunetv2.vit.cli import usable_cores  # imports neither nnunetv2.paths nor nnunetv2.configuration
+
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, usable_cores() // 2))))
     return run_dir
 
 

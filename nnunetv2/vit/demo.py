@@ -48,10 +48,12 @@ def plan(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
     """Upstream's fingerprint and plans (the 2d configuration the ViT's is planned from), unless already done."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
 
+    from nnunetv2.vit.cli import usable_cores
+
     if (preprocessed / dataset_folder_name / "nnUNetPlans.json").is_file():
         print(f"already planned: {preprocessed / dataset_folder_name / 'nnUNetPlans.json'}")
         return
-    extract_fingerprints([dataset_id], num_processes=max(1, min(4, os.cpu_count() or 1)),
+    extract_fingerprints([dataset_id], num_processes=min(4, usable_cores()),
                          check_dataset_integrity=True)
     plan_experiments([dataset_id])
 
@@ -113,10 +115,12 @@ def demo_config(config_path: Path, pretrained: bool, output: Path) -> Path:
 def run(args: argparse.Namespace) -> None:
     import torch
 
+    from nnunetv2.vit.cli import usable_cores
+
     started = time.monotonic()
     # Worker pools for validation export and preprocessing (read by nnunetv2.configuration at import):
     # upstream's default of 8 spawned processes costs more than it gives on a small machine.
-    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, (os.cpu_count() or 2) // 2))))
+    os.environ.setdefault("nnUNet_def_n_proc", str(max(1, min(4, usable_cores() // 2))))
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     paths = setup_paths(REPO)
