@@ -32,6 +32,17 @@ if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw") and hasattr(os, "s
     os.sched_setaffinity(0, {_cores[int(os.environ["PYTEST_XDIST_WORKER"][2:]) % len(_cores)]})
 
 
+def set_nnunet_folders(patch: pytest.MonkeyPatch, raw: Path, preprocessed: Path, results: Path,
+                       workers: bool = True) -> None:
+    """nnU-Net's three folders for this test and, with ``workers``, the tests' worker counts (no augmentation
+    workers, one pool process): the environment the commands need."""
+    values = {"nnUNet_raw": raw, "nnUNet_preprocessed": preprocessed, "nnUNet_results": results}
+    if workers:
+        values.update(nnUNet_n_proc_DA=0, nnUNet_def_n_proc=1)
+    for var, value in values.items():
+        patch.setenv(var, str(value))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -55,8 +66,8 @@ def workspace(tmp_path_factory):
     )
     dataset = write_demo_dataset(root / "raw", DATASET_ID, num_train=6, num_test=2, size=96, seed=3)
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()):
-        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            patch.setenv(var, env[var])
+        # Upstream's 2d planner sets torch's threads to nnUNet_n_proc_DA, which must not be 0 there.
+        set_nnunet_folders(patch, root / "raw", root / "preprocessed", root / "results", workers=False)
         fingerprint = DatasetFingerprintExtractor(DATASET_ID, num_processes=1)
         fingerprint.num_foreground_voxels_for_intensitystats = 10 ** 5
         fingerprint.run()
@@ -68,10 +79,8 @@ def workspace(tmp_path_factory):
 @pytest.fixture
 def nnunet_env(workspace, tmp_path, monkeypatch):
     """The session's preprocessed dataset, with a fresh results folder per test."""
-    root, env, dataset = workspace
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
-        monkeypatch.setenv(var, env[var])
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    root, _, dataset = workspace
+    set_nnunet_folders(monkeypatch, root / "raw", root / "preprocessed", tmp_path / "results")
     return root, dataset, tmp_path / "results"
 
 
@@ -86,7 +95,7 @@ def planned_vit(workspace, tmp_path_factory):
     from nnunetv2.vit import train as train_cli
     from test_planning import write_config
 
-    root, env, dataset = workspace
+    root, _, dataset = workspace
     base = tmp_path_factory.mktemp("planned_vit")
     raw, preprocessed, results = base / "raw" / dataset.name, base / "preprocessed" / dataset.name, base / "results"
     shutil.copytree(dataset, raw)
@@ -94,11 +103,7 @@ def planned_vit(workspace, tmp_path_factory):
     config = write_config(base / "vit.yaml")
     plan_out, train_out = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
-        for var in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
-            patch.setenv(var, env[var])
-        patch.setenv("nnUNet_raw", str(raw.parent))
-        patch.setenv("nnUNet_preprocessed", str(preprocessed.parent))
-        patch.setenv("nnUNet_results", str(results))
+        set_nnunet_folders(patch, raw.parent, preprocessed.parent, results)
         try:
             with contextlib.redirect_stdout(plan_out):
                 plan_cli.main([str(DATASET_ID), "--config", config, "-c", "2d_vit", "-np", "1"])
@@ -111,7 +116,7 @@ def planned_vit(workspace, tmp_path_factory):
 
 
 @pytest.fixture
-def planned_vit_copy(planned_vit, workspace, tmp_path, monkeypatch):
+def planned_vit_copy(planned_vit, tmp_path, monkeypatch):
     """A copy of ``planned_vit``'s raw and preprocessed dataset and results, set as nnU-Net's folders for this test:
     (raw dataset folder, preprocessed dataset folder, results)."""
     raw, preprocessed, results = (tmp_path / "raw" / planned_vit.raw.name,
@@ -119,11 +124,7 @@ def planned_vit_copy(planned_vit, workspace, tmp_path, monkeypatch):
     for source, copy in ((planned_vit.raw, raw), (planned_vit.preprocessed, preprocessed),
                          (planned_vit.results, results)):
         shutil.copytree(source, copy)
-    monkeypatch.setenv("nnUNet_raw", str(raw.parent))
-    monkeypatch.setenv("nnUNet_preprocessed", str(preprocessed.parent))
-    monkeypatch.setenv("nnUNet_results", str(results))
-    for var in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc"):
-        monkeypatch.setenv(var, workspace[1][var])
+    set_nnunet_folders(monkeypatch, raw.parent, preprocessed.parent, results)
     return raw, preprocessed, results
 
 
