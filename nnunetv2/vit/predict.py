@@ -97,7 +97,7 @@ def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence
         raise ConfigError(f"No trained model in {folder} (check -d, -tr, -p and -c).")
     plans = load_json(str(plans_file))
     vit = trainer_class is None or issubclass(trainer_class, nnUNetTrainer_vit)
-    checkpoints = []
+    config, checkpoints = None, []
     for fold in folds:
         checkpoint_file = folder / f"fold_{fold}" / checkpoint_name
         if not checkpoint_file.is_file():
@@ -106,7 +106,7 @@ def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence
         checkpoint = read_training_checkpoint(str(checkpoint_file), mmap=True, trust=trust_checkpoint)
         configuration = configuration or checkpoint["init_args"]["configuration"]
         if vit:
-            config = stored_config(plans, configuration)
+            config = config or stored_config(plans, configuration)  # the plans' config, read for the first fold
             if config is None:
                 raise ConfigError(f"{plans_file} holds no ViT model config for configuration '{configuration}'.")
             require_same_model(stored_config(checkpoint, configuration), config, str(checkpoint_file),
