@@ -17,9 +17,13 @@ import time
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2.vit.cli import USER_ERROR_EXIT_CODE, dataset_name, get_device, run_main
 from nnunetv2.vit.config import ViTConfig, load_config
@@ -79,9 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: str) -> tuple[str, dict, dict]:
     """Dataset name, plans and dataset.json of a preprocessed dataset, with errors saying what to run. An unplanned
     ``2d_<name>`` inherits ``2d``: same data, its own results folder, so several models sit side by side."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     if not nnUNet_preprocessed.is_set():
         raise ConfigError("nnUNet_preprocessed is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
     name = dataset_name(dataset_name_or_id)
@@ -109,9 +110,6 @@ def load_plans(dataset_name_or_id: str, plans_identifier: str, configuration: st
 
 def require_preprocessed(args: argparse.Namespace, dataset: str, plans: dict) -> None:
     """Refuse a configuration whose preprocessed data are missing, naming the command that makes them."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     planned = PlansManager(plans).get_configuration(args.configuration)
     if not (Path(nnUNet_preprocessed.get()) / dataset / planned.data_identifier).is_dir():
         command = (f"python {PLAN_PROG} {args.dataset_name_or_id} --config {args.config or 'CONFIG.yaml'} "
@@ -124,10 +122,6 @@ def require_preprocessed(args: argparse.Namespace, dataset: str, plans: dict) ->
 def check_label_values(dataset: str, plans: dict, dataset_json: dict) -> None:
     """Refuse label values dataset.json does not list (in a worker they break training with "index 7 is out of
     bounds"), from the preprocessed copy of the labels."""
-    import numpy as np
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     folder = Path(nnUNet_preprocessed.get()) / dataset
     plans_manager = PlansManager(plans)
     labels = plans_manager.get_label_manager(dataset_json)
@@ -146,9 +140,6 @@ def check_label_values(dataset: str, plans: dict, dataset_json: dict) -> None:
 
 def results_folder(dataset: str, trainer: str, plans_identifier: str, configuration: str, fold: str) -> Path:
     """Upstream's fold folder for these settings."""
-    from nnunetv2.paths import nnUNet_results
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     if not nnUNet_results.is_set():
         raise ConfigError("nnUNet_results is not set: export nnUNet_raw, nnUNet_preprocessed and nnUNet_results.")
     return Path(get_output_folder(dataset, trainer, plans_identifier, configuration, fold))
