@@ -17,28 +17,26 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.predict_from_raw_data import _getDefaultValue, nnUNetPredictor
+from nnunetv2.utilities.file_path_utilities import get_output_folder
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch._dynamo import OptimizedModule
 
 from nnunetv2.vit.cli import dataset_name, get_device, run_main
 from nnunetv2.vit.compiling import CompileLog
 from nnunetv2.vit.errors import ConfigError
 from nnunetv2.vit.lifetime import end_workers_with_this_process
+from nnunetv2.vit.trained_model import network_weights, read_training_checkpoint, require_same_model, stored_config
+from nnunetv2.vit.trainer import nnUNetTrainer_vit
+from nnunetv2.vit.upstream_adapter import find_trainer_class
 
 PROG = "nnUNetv2_predict_vit.py"
 DEFAULT_TRAINER = "nnUNetTrainer_vit"
 
 
-def _env_int(name: str, default: int) -> int:
-    """An integer default that an environment variable may set, as upstream reads ``nnUNet_npp`` / ``nnUNet_nps``."""
-    try:
-        return int(os.environ.get(name) or default)
-    except ValueError:
-        return default
-
-
-# nnUNetv2_predict's flags with its defaults (nnunetv2/inference/predict_from_raw_data.py), -tr defaulting to ours,
-# and --trust_checkpoint.
+# nnUNetv2_predict's flags with its defaults (nnunetv2/inference/predict_from_raw_data.py, which also reads nnUNet_npp
+# and nnUNet_nps), -tr defaulting to ours, and --trust_checkpoint.
 FLAGS = (
     ("-i", dict(required=True, help="input folder: one file per case and channel, CASE_XXXX<file ending>")),
     ("-o", dict(required=True, help="output folder (created); predictions take their case's name")),
@@ -53,8 +51,9 @@ FLAGS = (
     ("--save_probabilities", dict(action="store_true", help="also export class probabilities (for ensembling)")),
     ("--continue_prediction", dict(action="store_true", help="keep the predictions already in the output folder")),
     ("-chk", dict(default="checkpoint_final.pth", help="checkpoint file name in each fold folder")),
-    ("-npp", dict(type=int, default=_env_int("nnUNet_npp", 3), help="preprocessing processes (0 with -nps 0: none)")),
-    ("-nps", dict(type=int, default=_env_int("nnUNet_nps", 3), help="segmentation export processes")),
+    ("-npp", dict(type=int, default=_getDefaultValue("nnUNet_npp", int, 3),
+                  help="preprocessing processes (0 with -nps 0: none)")),
+    ("-nps", dict(type=int, default=_getDefaultValue("nnUNet_nps", int, 3), help="segmentation export processes")),
     ("-prev_stage_predictions", dict(default=None, help="predictions of the previous stage (cascades)")),
     ("-num_parts", dict(type=int, default=1, help="number of separate calls sharing the input folder")),
     ("-part_id", dict(type=int, default=0, help="which of the -num_parts calls this is (0 to num_parts - 1)")),
@@ -84,13 +83,6 @@ def predictor_from_trained_model(model_folder: Union[str, Path], folds: Sequence
     or one of another model than the folder's plans hold for ``configuration`` (default: the first checkpoint's), is
     refused. ``trainer_class`` builds the network (default: the checkpoints' trainer); one not derived from
     nnUNetTrainer_vit (the benchmarks' U-Net) skips the ViT checks. A compiled network's first tile logs its compile."""
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunetv2.vit.trained_model import network_weights, read_training_checkpoint, require_same_model, stored_config
-    from nnunetv2.vit.trainer import nnUNetTrainer_vit
-    from nnunetv2.vit.upstream_adapter import find_trainer_class
-
     folder = Path(model_folder)
     plans_file = folder / "plans.json"
     if not plans_file.is_file():
@@ -185,8 +177,6 @@ def check_input_images(folder: Path, dataset_json: dict, reader) -> None:
 
 def predict(args: argparse.Namespace) -> None:
     """Check the command, the model and the inputs, then predict as ``nnUNetv2_predict`` does."""
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
-
     if not 0 <= args.part_id < args.num_parts:
         raise ConfigError(f"-part_id {args.part_id} is not one of the -num_parts {args.num_parts} parts: pass "
                           f"-part_id 0 to {args.num_parts - 1}.")
