@@ -221,6 +221,12 @@ def validate_config(raw: Any, source: str = "config") -> ViTConfig:
     return config
 
 
+def builtin_config(path: Path) -> Optional[Path]:
+    """The built-in config a bare name gives (``dpt`` or ``dpt.yaml`` -> nnunetv2/configs/dpt.yaml), if there is one."""
+    builtin = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
+    return builtin if path.parent == Path(".") and builtin.is_file() else None
+
+
 def resolve_config_path(path: Union[str, Path], relative_to: Optional[Path] = None) -> Path:
     """A config path as given (or, if ``relative_to`` is a folder, relative to it), or the bare name of a built-in
     config (``dpt`` -> nnunetv2/configs/dpt.yaml)."""
@@ -230,8 +236,8 @@ def resolve_config_path(path: Union[str, Path], relative_to: Optional[Path] = No
         raise ConfigError(f"Config {candidate} is a directory; give a YAML file in it.")
     if candidate.is_file():
         return candidate
-    builtin = CONFIG_DIR / (path.name if path.suffix else f"{path.name}.yaml")
-    if builtin.is_file() and path.parent == Path("."):
+    builtin = builtin_config(path)
+    if builtin is not None:
         return builtin
     searched = [str(candidate.parent.resolve())]
     if path.parent == Path("."):
@@ -287,9 +293,9 @@ def read_config_file(path: Path, children: Tuple[Path, ...] = ()) -> Any:
         parent = resolve_config_path(parent_name, relative_to=path.parent).resolve()
     except ConfigError as err:
         raise ConfigError(f"{path}: '{INHERITS}: {parent_name}': {err}") from err
-    builtin = (CONFIG_DIR / (Path(parent_name).name if Path(parent_name).suffix else f"{parent_name}.yaml")).resolve()
-    if parent == path.resolve() and Path(parent_name).parent == Path(".") and builtin.is_file():
-        parent = builtin  # my/dpt.yaml saying 'inherits: dpt.yaml' starts from the built-in dpt.yaml, not from itself
+    builtin = builtin_config(Path(parent_name))
+    if parent == path.resolve() and builtin is not None:
+        parent = builtin.resolve()  # my/dpt.yaml saying 'inherits: dpt.yaml' starts from the built-in one, not itself
     if parent in children + (path.resolve(),):
         raise ConfigError(f"{path}: '{INHERITS}: {parent_name}' makes a cycle; a config cannot inherit itself.")
     return _merged(read_config_file(parent, children + (path.resolve(),)), raw)
