@@ -57,6 +57,7 @@ def build(variant: str, backbone: str, default_decoder: bool = False, **kwargs):
     if default_decoder:
         decoder_kwargs = {k: v for k, v in decoder_kwargs.items() if k in ("multi_scale", "detail_path")}
     kwargs = {"num_classes": NUM_CLASSES, "pretrained": False, **decoder_kwargs, **kwargs}
+    torch.manual_seed(0)  # a module-scoped model is built before the test's own seed: the same whatever ran before
     return module.create_segmentation_model(backbone, "small", **kwargs)
 
 
@@ -87,14 +88,18 @@ def case(request):
 
 @pytest.fixture(autouse=True)
 def _reset_models(request):
-    """Tests share module-scoped models: give them back in eval mode, no grads, no checkpointing."""
+    """Tests share module-scoped models: give them back in eval mode, no grads, no checkpointing, and with the
+    BatchNorm statistics they had (a training-mode forward changes them), so no test depends on the ones before."""
+    models = [request.getfixturevalue(name)[2] for name in ("case", "lora_case") if name in request.fixturenames]
+    buffers = [{name: buffer.clone() for name, buffer in model.named_buffers()} for model in models]
     yield
-    for name in ("case", "lora_case"):
-        if name in request.fixturenames:
-            model = request.getfixturevalue(name)[2]
-            model.set_grad_checkpointing(False)
-            model.zero_grad(set_to_none=True)
-            model.eval()
+    for model, saved in zip(models, buffers):
+        model.set_grad_checkpointing(False)
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved[name])
 
 
 # --------------------------------------------------------------------------------------- shapes
