@@ -289,13 +289,9 @@ def case_rng(seed: int, split: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, split, index]))
 
 
-def _case_names(prefix: str, num_train: int, num_test: int) -> tuple[list[str], list[str]]:
-    return [f"{prefix}_{i:03d}" for i in range(num_train)], [f"{prefix}_test_{i:03d}" for i in range(num_test)]
-
-
-def _existing(raw_root: Path, dataset_id: int, target: Path, record_key: str, record: dict, prefix: str) -> bool:
-    """True if ``target`` already holds exactly the requested dataset (``dataset.json[record_key] == record``, every
-    file there); raise if the id is taken otherwise."""
+def _existing(raw_root: Path, dataset_id: int, target: Path, record_key: str, record: dict) -> bool:
+    """True if ``target`` already holds exactly the requested dataset (``dataset.json[record_key] == record``: it is
+    complete, as it was renamed into place whole); raise if the id is taken otherwise."""
     for other in sorted(raw_root.glob(f"Dataset{dataset_id:03d}_*")):
         if other != target:
             raise FileExistsError(f"{other} already uses dataset id {dataset_id}; pick another id or delete that "
@@ -306,14 +302,10 @@ def _existing(raw_root: Path, dataset_id: int, target: Path, record_key: str, re
         existing = json.loads((target / "dataset.json").read_text()).get(record_key)
     except (OSError, ValueError, AttributeError):
         existing = None
-    train, test = _case_names(prefix, record["num_train"], record["num_test"])
-    complete = all((target / images / f"{case}_0000.png").is_file() and (target / labels / f"{case}.png").is_file()
-                   for images, labels, cases in (("imagesTr", "labelsTr", train), ("imagesTs", "labelsTs", test))
-                   for case in cases)
-    if existing == record and complete:
+    if existing == record:
         return True
-    why = "is incomplete" if existing == record else "is not this dataset (other data or parameters)"
-    raise FileExistsError(f"{target} already exists and {why}; pick another id or delete that folder")
+    raise FileExistsError(f"{target} already exists and is not this dataset (other data or parameters); pick another "
+                          f"id or delete that folder")
 
 
 def save_png(array: np.ndarray, path: Path) -> None:
@@ -335,13 +327,14 @@ def write_generated_dataset(raw_root: str | Path, dataset_id: int, name: str,
         raise ValueError(f"need num_train >= 1 and num_test >= 0, got {num_train}, {num_test}")
     raw_root = Path(raw_root)
     target = raw_root / folder_name
-    if _existing(raw_root, dataset_id, target, record_key, record, case_prefix):
+    if _existing(raw_root, dataset_id, target, record_key, record):
         logger.info("Reusing existing dataset %s", target)
         return target
     raw_root.mkdir(parents=True, exist_ok=True)
     tmp = raw_root / f".tmp_{folder_name}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
     try:
-        train, test = _case_names(case_prefix, num_train, num_test)
+        train = [f"{case_prefix}_{i:03d}" for i in range(num_train)]
+        test = [f"{case_prefix}_test_{i:03d}" for i in range(num_test)]
         for split, (image_dir, label_dir, cases) in enumerate((("imagesTr", "labelsTr", train),
                                                                ("imagesTs", "labelsTs", test))):
             (tmp / image_dir).mkdir(parents=True)
@@ -356,7 +349,7 @@ def write_generated_dataset(raw_root: str | Path, dataset_id: int, name: str,
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished the same dataset first: reuse it if identical, else raise
-            if _existing(raw_root, dataset_id, target, record_key, record, case_prefix):
+            if _existing(raw_root, dataset_id, target, record_key, record):
                 return target
             raise
     finally:
