@@ -44,17 +44,14 @@ def step(message: str) -> Iterator[None]:
     print(f"=== step {message.split()[0]} took {time.monotonic() - started:.1f} s", flush=True)
 
 
-def plan(dataset_id: int, preprocessed: Path, dataset_folder_name: str) -> None:
+def plan(dataset_id: int, preprocessed: Path, dataset_folder_name: str, num_processes: int) -> None:
     """Upstream's fingerprint and plans (the 2d configuration the ViT's is planned from), unless already done."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
-
-    from nnunetv2.vit.cli import usable_cores
 
     if (preprocessed / dataset_folder_name / "nnUNetPlans.json").is_file():
         print(f"already planned: {preprocessed / dataset_folder_name / 'nnUNetPlans.json'}")
         return
-    extract_fingerprints([dataset_id], num_processes=min(4, usable_cores()),
-                         check_dataset_integrity=True)
+    extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
     plan_experiments([dataset_id])
 
 
@@ -144,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
     from nnunetv2.vit import plan as plan_cli
 
     with step("2/5 plan: nnU-Net's fingerprint and 2d plan, then the ViT's (nnUNetv2_plan_vit.py), and preprocess"):
-        plan(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name)
+        plan(DATASET_ID, paths["nnUNet_preprocessed"], dataset.name, num_processes=min(4, usable_cores()))
         config_file = demo_config(Path(args.config), args.pretrained, output)
         configuration = plan_cli.default_configuration_name(str(config_file))
         plan_cli.run(plan_cli.build_parser().parse_args(
